@@ -1,0 +1,80 @@
+"Integration tests of sara.text: MiniLM (offline) and the UMT5 code path on a tiny model."
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+from sara.text import (MiniLMEncoder, UMT5PromptEncoder, build_text_encoder, clean_prompts,
+                       make_tiny_umt5_dir)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return MiniLMEncoder()
+
+
+def test_minilm_offline_shapes_and_padding(minilm):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    prompts = ["a red fox jumps over a fallen log in the snow", "rain"]
+    emb, mask = minilm.encode_prompts(prompts, max_length=24)
+    assert emb.shape == (2, 24, 384) and mask.shape == (2, 24)
+    n = mask.sum(1)
+    assert n[0] > n[1] >= 3                                    # [CLS] rain [SEP]
+    for i in range(2):
+        assert emb[i, int(n[i]):].abs().sum() == 0             # padding zeroed
+        assert (emb[i, :int(n[i])].abs().sum(-1) > 0).all()    # real tokens kept
+    assert not emb.requires_grad
+    assert minilm.dim == 384 and not any(p.requires_grad for p in minilm.parameters())
+
+
+def test_minilm_truncates(minilm):
+    emb, mask = minilm.encode_prompts(["word " * 100], max_length=8)
+    assert emb.shape == (1, 8, 384) and mask.sum() == 8
+
+
+def test_minilm_sentence_embeddings(minilm):
+    e = minilm.embed(["a red fox jumps over a log",
+                      "a fox leaping over a fallen tree trunk",
+                      "quarterly earnings of a software company"])
+    assert e.shape == (3, 384)
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
+    s = e @ e.T
+    assert s[0, 1] > s[0, 2] + 0.2 and s[0, 1] > s[1, 2] + 0.2
+    # padding does not change a sentence embedding (mean over real tokens only)
+    alone = minilm.embed(["a red fox jumps over a log"])
+    with_long = minilm.embed(["a red fox jumps over a log", "a much longer sentence " * 5])
+    torch.testing.assert_close(alone[0], with_long[0], atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_validation(minilm):
+    assert clean_prompts("  two\t spaces &amp; more ") == ["two spaces & more"]
+    with pytest.raises(ValueError, match="non-empty"):
+        minilm.encode_prompts([])
+    with pytest.raises(TypeError, match=r"prompts\[0\]"):
+        minilm.embed([None])
+
+
+def test_umt5_code_path(tmp_path):
+    enc = UMT5PromptEncoder(make_tiny_umt5_dir(tmp_path / "wan"), max_length=20)
+    assert enc.max_length == 20 and enc.dim == 32
+    emb, mask = enc.encode_prompts(["a fox", "a fox jumps over a log in the snow at dusk"])
+    assert emb.shape == (2, 20, 32) and mask.shape == (2, 20)
+    lens = mask.sum(1)
+    assert lens[0] < lens[1]
+    for i in range(2):
+        assert emb[i, int(lens[i]):].abs().sum() == 0
+        assert (emb[i, :int(lens[i])].abs().sum(-1) > 0).all()
+    assert not emb.requires_grad and not any(p.requires_grad for p in enc.parameters())
+    # default length is Wan's 512
+    assert UMT5PromptEncoder(tmp_path / "wan").encode_prompts(["x"])[0].shape == (1, 512, 32)
+    assert isinstance(build_text_encoder(str(tmp_path / "wan")), UMT5PromptEncoder)
+
+
+def test_factory_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        build_text_encoder(str(tmp_path / "nowhere"))
+    (tmp_path / "half").mkdir()
+    with pytest.raises(FileNotFoundError, match="text_encoder"):
+        UMT5PromptEncoder(tmp_path / "half")
