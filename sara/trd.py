@@ -14,7 +14,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .routing import check_op, check_saliency, pair_weight_total, pair_weights, route
+from .routing import check_float_tensor, check_op, check_saliency, pair_weight_total, pair_weights, route
 
 # %% ../nbs/trd.ipynb #7e069d3b
 def trd_compute_dtype(
@@ -35,13 +35,7 @@ def check_trd_inputs(
 ) -> torch.Tensor | None:    # B, N detached saliency on p's device (None for "uniform")
     "Validate TRD arguments; raise TypeError/ValueError naming the field and shape at fault."
     check_op(op)
-    for name, t in (("p", p), ("y", y)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape (B, N, D), got {type(t).__name__}")
-        if t.ndim != 3:
-            raise ValueError(f"{name} must have shape (B, N, D) (3-D), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype, got {t.dtype} (shape {tuple(t.shape)})")
+    check_float_tensor(p, "p", "B, N, D"); check_float_tensor(y, "y", "B, N, D")
     if p.shape[:2] != y.shape[:2]:
         raise ValueError(f"p and y must agree on (B, N): p has shape {tuple(p.shape)}, y has shape {tuple(y.shape)}")
     if p.device != y.device:
