@@ -9,10 +9,12 @@ from __future__ import annotations
 import configparser, dataclasses, json, os
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
+from .routing import ROUTING_OPS  # one source of truth for the allowed values
+from .trd import TRD_IMPLS
 
 # %% auto #0
-__all__ = ['SITE_DEFAULTS', 'SITE_PATH_KEYS', 'METHODS', 'ROUTING_OPS', 'SALIENCY_SOURCES', 'TRD_IMPLS', 'DEVICES',
-           'find_settings', 'site_settings', 'ConfigError', 'RunConfig', 'make_config', 'save_config', 'load_config']
+__all__ = ['SITE_DEFAULTS', 'SITE_PATH_KEYS', 'METHODS', 'SALIENCY_SOURCES', 'DEVICES', 'find_settings', 'site_settings',
+           'ConfigError', 'RunConfig', 'make_config', 'save_config', 'load_config']
 
 # %% ../nbs/config.ipynb #0126f342
 SITE_DEFAULTS = dict(data_root="data/toy", manifest="manifest.jsonl", cache_dir="cache", runs_dir="runs",
@@ -57,9 +59,7 @@ def site_settings(
 
 # %% ../nbs/config.ipynb #b8ee9537
 METHODS = ("sft", "videorepa", "sara")
-ROUTING_OPS = ("uniform", "or", "and", "xor")
 SALIENCY_SOURCES = ("masks",)
-TRD_IMPLS = ("auto", "reference", "chunked")
 DEVICES = ("auto", "cpu", "cuda")
 
 class ConfigError(ValueError):
@@ -88,7 +88,7 @@ class RunConfig:
     height: int = 64            # frame height (multiple of 16)
     width: int = 64             # frame width (multiple of 16)
     flow_shift: float = 3.0     # timestep shift of Wan's flow-matching schedule
-    trd_impl: str = "auto"      # auto | reference | chunked
+    trd_impl: str = "auto"      # auto | reference | chunked | triton (auto: triton on CUDA, chunked elsewhere)
     grad_checkpointing: bool = False  # gradient checkpointing on the DiT blocks
     device: str = "auto"        # auto | cpu | cuda
     log_every: int = 1          # metrics line every N steps

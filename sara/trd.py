@@ -151,14 +151,17 @@ def trd_chunked(
     return _TRDChunked.apply(ph, yh, w, z, op, float(margin), block)
 
 # %% ../nbs/trd.ipynb #800179e9
-TRD_IMPLS = ("auto", "reference", "chunked")  # implementations `trd_loss` can dispatch to
+TRD_IMPLS = ("auto", "reference", "chunked", "triton")  # implementations `trd_loss` can dispatch to ("triton": CUDA only)
 
 # %% ../nbs/trd.ipynb #78b732ed
 def trd_auto_impl(
-    p: torch.Tensor,  # B, N, Dp DiT projected features (its device decides)
+    p: torch.Tensor,  # B, N, Dp DiT projected features (its device and dtype decide)
 ) -> str:             # a concrete implementation name from `TRD_IMPLS`
-    """What `impl="auto"` resolves to. Hook: a fused Triton kernel will be chosen here when `p` is on
-    CUDA; until then every device uses the exact chunked version."""
+    """What `impl="auto"` resolves to: the fused Triton kernel (`sara.trd_triton`) for CUDA tensors in
+    bf16/fp16/fp32 when Triton is importable; the exact chunked version everywhere else (CPU, float64)."""
+    if p.is_cuda and p.dtype != torch.float64:
+        from sara.trd_triton import triton_available
+        if triton_available(): return "triton"
     return "chunked"
 
 # %% ../nbs/trd.ipynb #5f721183
@@ -175,5 +178,8 @@ def trd_loss(
         raise ValueError(f"unknown TRD impl {impl!r}; allowed: {', '.join(TRD_IMPLS)}")
     check_trd_inputs(p, y, w, op, margin)
     if impl == "auto": impl = trd_auto_impl(p)
+    if impl == "triton":
+        from sara.trd_triton import trd_triton  # lazy: sara.trd_triton itself builds on this module
+        return trd_triton(p, y, w, op=op, margin=margin)
     fn = {"reference": trd_reference, "chunked": trd_chunked}[impl]
     return fn(p, y, w, op=op, margin=margin)

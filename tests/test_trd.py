@@ -148,7 +148,7 @@ def test_block_rows():
 
 
 def test_dispatch():
-    assert TRD_IMPLS == ("auto", "reference", "chunked")
+    assert TRD_IMPLS == ("auto", "reference", "chunked", "triton")
     assert trd_auto_impl(torch.zeros(1, 1, 1)) == "chunked"
     p, y, w = _inputs(2, 5, 3, 3)
     torch.testing.assert_close(trd_loss(p, y, w, "xor"), trd_loss(p, y, w, "xor", impl="reference"))
@@ -168,7 +168,7 @@ def test_dispatch():
     (dict(op="or", w=torch.rand(3, 5)), ValueError, r"w has shape \(3, 5\).*batch"),
     (dict(op="or", w=torch.rand(2, 5, 1)), ValueError, r"w must have shape \(B, N\)"),
     (dict(op="nand", w=torch.rand(2, 5)), ValueError, "'nand'.*uniform, or, and, xor"),
-    (dict(impl="triton"), ValueError, "'triton'.*auto, reference, chunked"),
+    (dict(impl="fused"), ValueError, "'fused'.*auto, reference, chunked, triton"),
     (dict(margin=-0.1), ValueError, "margin.*-0.1"),
     (dict(margin=float("inf")), ValueError, "margin"),
 ])
