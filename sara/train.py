@@ -16,10 +16,8 @@ from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 
 from .config import RunConfig, make_config, save_config, ConfigError
-from .data import ClipDataset
 from .masks import saliency_from_masks
 from .vfm import build_vfm
-from .text import build_text_encoder
 from .wan import build_wan, encode_video, dit_grid, FeatureTap, Projector, resample_tokens, sample_sigmas, flow_matching_pair, flow_matching_loss, dit_forward
 from .trd import trd_loss
 from .routing import budget_shares
@@ -67,6 +65,7 @@ def build_models(
     device: torch.device,   # where the models live
 ) -> Models:
     "Build or load every model of a run; the projector is initialised from `cfg.seed`."
+    from sara.text import build_text_encoder  # lazy: the step itself (and GPU benchmarks) need no text stack
     text = build_text_encoder(cfg.text_model)
     wan = build_wan(cfg.wan_model, seed=cfg.seed, shift=cfg.flow_shift)
     n_blocks = len(wan.transformer.blocks)
@@ -80,7 +79,7 @@ def build_models(
 
 # %% ../nbs/train.ipynb #90587e7a
 def prepare_targets(
-    ds: ClipDataset,        # the clips
+    ds,                     # the clips (`sara.data.ClipDataset`)
     models: Models,         # frozen encoders come from here
     device: torch.device,   # where to run the frozen encoders
     progress: bool = True,  # show a progress bar
@@ -199,6 +198,7 @@ def train(
     progress: bool = True,     # show a tqdm progress bar
 ) -> dict:                     # run_dir, metrics (list of rows), models, targets (the frozen per-clip targets)
     "Run Stage 2: frozen targets once, then `cfg.steps` optimisation steps; metrics, checkpoint and config in `cfg.run_dir`."
+    from sara.data import ClipDataset  # lazy: video decoding is only needed to build targets
     cfg.validate()
     check_run_dir(cfg.run_dir, cfg.overwrite)
     device = resolve_device(cfg.device)
