@@ -2,9 +2,9 @@
 input validation, and the memory bound of the chunked version at N = 16,384."""
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -192,46 +192,12 @@ def test_bad_block():
 
 
 # ---------------------------------------------------------------- memory, in a fresh process
-_MEM_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, time, torch
-    from sara.trd import trd_chunked, trd_reference
-    torch.set_num_threads(2)
-    impl, N, D = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    fn = {"chunked": trd_chunked, "reference": trd_reference}[impl]
-
-    def status(key):  # kB -> bytes
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"): return int(line.split()[1]) * 1024
-
-    g = torch.Generator().manual_seed(0)
-    p = torch.randn(1, N, D, generator=g).requires_grad_()
-    y = torch.randn(1, N, D, generator=g).requires_grad_()
-    w = torch.rand(1, N, generator=g)
-    # warm-up on a small slice: loads kernels, starts thread pools, allocates autograd machinery
-    fn(p[:, :256].detach().requires_grad_(), y[:, :256].detach(), w[:, :256], op="or").backward()
-    base = status("VmRSS")
-    try:  # reset the peak-RSS counter (Linux >= 4.0), so the high-water mark is that of this call only
-        with open("/proc/self/clear_refs", "w") as f: f.write("5")
-        method = "VmHWM after clear_refs=5"
-    except OSError:  # conservative fallback: the process-wide peak (never under-reports)
-        method = "ru_maxrss"
-    t0 = time.perf_counter()
-    loss = fn(p, y, w, op="or")
-    loss.backward()
-    dt = time.perf_counter() - t0
-    peak = status("VmHWM") if method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    assert p.grad is not None and y.grad is not None and torch.isfinite(loss)
-    print(json.dumps({"impl": impl, "N": N, "D": D, "extra_mib": (peak - base) / 2**20,
-                      "base_mib": base / 2**20, "seconds": dt, "method": method, "loss": loss.item()}))
-""")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_trd_cpu import run_fresh  # the same measurement the CPU benchmark prints
 
 
 def _measure(impl, N, D=64):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    out = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, impl, str(N), str(D)], capture_output=True,
-                         text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = run_fresh(impl, N, D)
     print(f"\n{impl} TRD fwd+bwd N={N} D={D} B=1 float32: peak extra RSS {res['extra_mib']:.1f} MiB "
           f"({res['method']}), {res['seconds']:.2f} s")
     return res
