@@ -1,9 +1,7 @@
 """Integration tests of `sara.trd`: chunked vs reference (values and gradients), edge cases, dtypes,
 input validation, and the memory bound of the chunked version at N = 16,384."""
-import json
 import os
 from pathlib import Path
-import subprocess
 import sys
 
 import pytest
