@@ -13,8 +13,9 @@ from .routing import ROUTING_OPS  # one source of truth for the allowed values
 from .trd import TRD_IMPLS
 
 # %% auto #0
-__all__ = ['SITE_DEFAULTS', 'SITE_PATH_KEYS', 'METHODS', 'SALIENCY_SOURCES', 'DEVICES', 'find_settings', 'site_settings',
-           'ConfigError', 'RunConfig', 'make_config', 'save_config', 'load_config']
+__all__ = ['SITE_DEFAULTS', 'SITE_PATH_KEYS', 'METHODS', 'SALIENCY_SOURCES', 'DEVICES', 'LAM_SCHEDULES', 'EXPERTS',
+           'LOSS_WEIGHTINGS', 'MIXED_PRECISION', 'WEIGHTS_DTYPES', 'find_settings', 'site_settings', 'ConfigError',
+           'RunConfig', 'make_config', 'save_config', 'load_config']
 
 # %% ../nbs/config.ipynb #0126f342
 SITE_DEFAULTS = dict(data_root="data/toy", manifest="manifest.jsonl", cache_dir="cache", runs_dir="runs",
@@ -58,9 +59,14 @@ def site_settings(
     return cfg
 
 # %% ../nbs/config.ipynb #b8ee9537
-METHODS = ("sft", "videorepa", "sara")
-SALIENCY_SOURCES = ("masks",)
+METHODS = ("sft", "videorepa", "moalign", "sara")
+SALIENCY_SOURCES = ("masks", "aligner")
 DEVICES = ("auto", "cpu", "cuda")
+LAM_SCHEDULES = ("constant", "warmup", "cutoff")
+EXPERTS = ("", "high", "low")
+LOSS_WEIGHTINGS = ("none", "bell")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+WEIGHTS_DTYPES = ("float32", "bfloat16")
 
 class ConfigError(ValueError):
     "A run-configuration field holds a value that is not allowed."
@@ -73,44 +79,78 @@ class ConfigError(ValueError):
 class RunConfig:
     "Everything a Stage 2 run needs; build it with `make_config` so that site settings fill the blanks."
     run_name: str = "demo"      # name of the run folder under `runs_dir`
-    method: str = "sara"        # sft | videorepa | sara
-    op: str = "or"              # routing for `sara`: uniform | or | and | xor (videorepa always uses uniform)
-    saliency: str = "masks"     # where the per-token saliency comes from (Stage 1 aligner comes later)
+    method: str = "sara"        # sft | videorepa | moalign | sara
+    op: str = "or"              # routing for `sara`: uniform | or | and | xor (videorepa and moalign always use uniform)
+    saliency: str = "masks"     # saliency of `sara`: masks (oracle, from the cache) | aligner (frozen Stage 1 aligner layer)
     lam: float = 0.5            # weight of the TRD loss
+    lam_schedule: str = "constant"  # constant | warmup (linear over lam_warmup_steps) | cutoff (0 after lam_cutoff_step)
+    lam_warmup_steps: int = 0   # length of the lam warm-up
+    lam_cutoff_step: int = 0    # last step with alignment under the cutoff schedule
     margin: float = 0.1         # TRD margin
     block: int = 1              # index of the DiT block whose hidden states are aligned
     steps: int = 150            # optimisation steps
     batch_size: int = 2         # clips per step
     lr: float = 1e-4            # AdamW learning rate (DiT and projector)
+    warmup_steps: int = 0       # linear learning-rate warm-up
     weight_decay: float = 0.0   # AdamW weight decay
+    grad_clip: float = 1.0      # gradient-norm clipping (0: off)
+    ema_decay: float = 0.0      # EMA of the trained weights (0: off), exported beside the raw weights
+    lora_rank: int = 0          # 0: full fine-tuning of the DiT; > 0: LoRA of this rank (peft), DiT frozen
+    lora_alpha: float = 0.0     # LoRA alpha (0: = rank)
     seed: int = 0               # seeds data order, noise, timesteps and tiny-model weights
     n_frames: int = 17          # frames per clip fed to the Wan VAE (4k+1)
     height: int = 64            # frame height (multiple of 16)
     width: int = 64             # frame width (multiple of 16)
-    flow_shift: float = 3.0     # timestep shift of Wan's flow-matching schedule
+    flow_shift: float = 3.0     # timestep shift of Wan's flow-matching schedule (tiny models; directories bring their own)
+    loss_weighting: str = "none"  # flow-matching loss weight over timesteps: none | bell
+    expert: str = ""            # A14B: "" (one DiT) | high (transformer, t >= boundary) | low (transformer_2, t < boundary)
     trd_impl: str = "auto"      # auto | reference | chunked | triton (auto: triton on CUDA, chunked elsewhere)
+    targets_in_loop: bool = False  # ablation: recompute the VFM target in every step instead of reading the cache
+    mixed_precision: str = "no" # accelerate mixed precision: no | bf16 | fp16
+    weights_dtype: str = "float32"  # dtype of the trained weights: float32 | bfloat16 (pure bf16, one-GPU 5B full fine-tuning)
     grad_checkpointing: bool = False  # gradient checkpointing on the DiT blocks
     device: str = "auto"        # auto | cpu | cuda
     log_every: int = 1          # metrics line every N steps
+    tensorboard: bool = False   # also log to TensorBoard (accelerate tracker) under run_dir/tensorboard
+    checkpoint_every: int = 50  # full training state every N steps and at the end (0: never)
+    keep_last: int = 3          # full-state checkpoints kept (0: all)
+    resume: str = ""            # "" (fresh run) | latest | a checkpoint folder
+    max_bad_steps: int = 3      # consecutive non-finite steps tolerated (skipped) before the run stops
+    validate_every: int = 0     # sample validation videos every N steps (0: never)
+    validation_clips: int = 2   # how many cached captions are sampled
+    validation_steps: int = 4   # denoising steps of validation sampling
     data_root: str = ""         # folder with the clip manifest ("" = site setting)
     manifest: str = ""          # manifest file name inside data_root, or a path ("" = site setting)
+    cache_dir: str = ""         # where precompute caches go ("" = site setting)
+    cache: str = ""             # an existing cache folder ("" = build or resume the run's own under cache_dir)
     runs_dir: str = ""          # where run folders go ("" = site setting)
     run_dir: str = ""           # this run's folder ("" = runs_dir/run_name)
     wan_model: str = ""         # "tiny" or a diffusers-format Wan2.2 directory ("" = site setting)
     vfm_model: str = ""         # "tiny" or a V-JEPA 2 directory / id ("" = site setting)
     text_model: str = ""        # "minilm" or a Wan UMT5 directory ("" = site setting)
-    overwrite: bool = False     # allow writing into a run folder that already holds a checkpoint
+    overwrite: bool = False     # start fresh in a run folder that holds an earlier run (which is moved aside)
 
     def validate(self) -> "RunConfig":
         "Check every field; raise `ConfigError` naming the first bad one."
         def choice(name, allowed):
-            if getattr(self, name) not in allowed: raise ConfigError(name, getattr(self, name), f"one of {', '.join(allowed)}")
+            if getattr(self, name) not in allowed: raise ConfigError(name, getattr(self, name), f"one of {', '.join(repr(a) if a == '' else a for a in allowed)}")
         for f in fields(self):
             v, t = getattr(self, f.name), {"str": str, "int": int, "float": (int, float), "bool": bool}[f.type]
             if not isinstance(v, t) or (f.type in ("int", "float") and isinstance(v, bool)):
                 raise ConfigError(f.name, v, f"a value of type {f.type}")
         choice("method", METHODS); choice("op", ROUTING_OPS); choice("saliency", SALIENCY_SOURCES)
-        choice("trd_impl", TRD_IMPLS); choice("device", DEVICES)
+        choice("trd_impl", TRD_IMPLS); choice("device", DEVICES); choice("lam_schedule", LAM_SCHEDULES)
+        choice("expert", EXPERTS); choice("loss_weighting", LOSS_WEIGHTINGS); choice("mixed_precision", MIXED_PRECISION)
+        choice("weights_dtype", WEIGHTS_DTYPES)
+        if self.targets_in_loop and self.method == "moalign":
+            raise ConfigError("targets_in_loop", True, "False for moalign (its target comes from the Stage 1 motion layer)")
+        for k in ("lam_warmup_steps", "lam_cutoff_step", "warmup_steps", "lora_rank", "checkpoint_every", "keep_last",
+                  "max_bad_steps", "validate_every", "validation_clips"):
+            if getattr(self, k) < 0: raise ConfigError(k, getattr(self, k), "an integer >= 0")
+        if self.lam_schedule == "warmup" and self.lam_warmup_steps < 1: raise ConfigError("lam_warmup_steps", self.lam_warmup_steps, "an integer >= 1 with lam_schedule='warmup'")
+        if not (0 <= self.ema_decay < 1): raise ConfigError("ema_decay", self.ema_decay, "a decay in [0, 1) (0: no EMA)")
+        if self.grad_clip < 0 or self.lora_alpha < 0: raise ConfigError("grad_clip" if self.grad_clip < 0 else "lora_alpha", min(self.grad_clip, self.lora_alpha), "a number >= 0")
+        if self.validation_steps < 1: raise ConfigError("validation_steps", self.validation_steps, "an integer >= 1")
         if not self.run_name or "/" in self.run_name: raise ConfigError("run_name", self.run_name, "a non-empty name without '/'")
         if not (self.lam >= 0 and self.lam < float("inf")): raise ConfigError("lam", self.lam, "a finite number >= 0")
         if not (0 <= self.margin < 2): raise ConfigError("margin", self.margin, "a number in [0, 2) (similarities lie in [-1, 1])")
@@ -127,8 +167,8 @@ class RunConfig:
 
     @property
     def routing_op(self) -> str | None:
-        "The routing op the loss uses: None for sft, uniform for videorepa, `op` for sara."
-        return {"sft": None, "videorepa": "uniform", "sara": self.op}[self.method]
+        "The routing op the loss uses: None for sft, uniform for videorepa and moalign, `op` for sara."
+        return {"sft": None, "videorepa": "uniform", "moalign": "uniform", "sara": self.op}[self.method]
 
     def to_dict(self) -> dict: return asdict(self)
 
@@ -145,10 +185,12 @@ def make_config(
     cfg = RunConfig(**params)
     cfg.validate()
     s = site_settings() if settings is None else settings
-    for k in ("data_root", "manifest", "runs_dir", "wan_model", "vfm_model", "text_model"):
+    for k in ("data_root", "manifest", "cache_dir", "runs_dir", "wan_model", "vfm_model", "text_model"):
         if not getattr(cfg, k): setattr(cfg, k, s[k])
     root = Path(s.get("root", "."))
-    for k in ("data_root", "runs_dir"): setattr(cfg, k, str((root / getattr(cfg, k)).resolve()))
+    for k in ("data_root", "cache_dir", "runs_dir"): setattr(cfg, k, str((root / getattr(cfg, k)).resolve()))
+    if cfg.cache: cfg.cache = str((root / cfg.cache).resolve())
+    if cfg.resume not in ("", "latest"): cfg.resume = str((root / cfg.resume).resolve())
     cfg.manifest = str(Path(cfg.data_root) / cfg.manifest)
     cfg.run_dir = str((root / cfg.run_dir).resolve()) if cfg.run_dir else str(Path(cfg.runs_dir) / cfg.run_name)
     return cfg

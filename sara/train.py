@@ -1,4 +1,4 @@
-"""The continual-training loop of Wan2.2 with flow matching plus (routed) token-relation distillation; the papermill entry point.
+"""Continual training of Wan2.2 with flow matching plus (routed) token-relation distillation, on one code path for every method; resumable, logged, and the papermill entry point.
 
 Docs: https://sara-workbench.github.io/sara/train.html.md"""
 
@@ -6,8 +6,8 @@ Docs: https://sara-workbench.github.io/sara/train.html.md"""
 
 # %% ../nbs/train.ipynb #93e07f58
 from __future__ import annotations
-import json, math, os, time
-from dataclasses import dataclass
+import json, math, os, subprocess, sys, time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -16,16 +16,18 @@ from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 
 from .config import RunConfig, make_config, save_config, ConfigError
-from .masks import saliency_from_masks
-from .vfm import build_vfm
-from .wan import build_wan, encode_video, dit_grid, FeatureTap, Projector, resample_tokens, sample_sigmas, flow_matching_pair, flow_matching_loss, dit_forward
+from .checkpoint import write_checkpoint, latest_checkpoint, verify_checkpoint
+from .wan import (build_wan, dit_grid, FeatureTap, Projector, resample_tokens, sample_sigmas, expert_window,
+                      loss_weights, flow_matching_pair, flow_matching_loss, dit_forward)
 from .trd import trd_loss
 from .routing import budget_shares
 
 # %% auto #0
-__all__ = ['resolve_device', 'batch_order', 'Models', 'build_models', 'prepare_targets', 'collate_targets', 'step_losses',
-           'MetricsLog', 'read_metrics', 'save_checkpoint', 'check_run_dir', 'train', 'plot_losses', 'load_checkpoint',
-           'train_cli']
+__all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'resolve_device', 'batch_order', 'lr_factor', 'lam_at', 'cache_params',
+           'check_cache_settings', 'load_targets', 'collate_targets', 'Models', 'add_lora', 'build_models',
+           'trainable_parameters', 'step_losses', 'MetricsLog', 'read_metrics', 'truncate_metrics', 'dit_weights',
+           'export_weights', 'load_checkpoint', 'check_run_dir', 'TrainState', 'resume_folder', 'make_accelerator',
+           'train', 'run_validation', 'plot_losses', 'cli_args', 'train_cli', 'launch']
 
 # %% ../nbs/train.ipynb #9a5da4e7
 def resolve_device(
@@ -44,7 +46,7 @@ def batch_order(
     seed: int,        # data-order seed (shared by every method, so runs see identical batches)
 ) -> list[list[int]]: # `steps` lists of `batch_size` clip indices
     "Deterministic epoch-wise shuffled batches; independent of the method and of every other random draw."
-    if n_clips < 1: raise ValueError("the manifest holds no clips")
+    if n_clips < 1: raise ValueError("the cache holds no clips")
     g, order, out = torch.Generator().manual_seed(seed), [], []
     while len(out) < steps:
         while len(order) < batch_size: order += torch.randperm(n_clips, generator=g).tolist()
@@ -52,94 +54,174 @@ def batch_order(
     return out
 
 # %% ../nbs/train.ipynb #f90af7a2
-@dataclass
-class Models:
-    "Everything a run holds: the trainable DiT and projector, and the frozen VAE, VFM and text encoder."
-    wan: object           # `sara.wan.WanParts` (transformer trained; vae frozen; scheduler)
-    vfm: torch.nn.Module  # frozen target encoder (`sara.vfm.FrozenVFM`)
-    text: object          # frozen prompt encoder (`sara.text`)
-    projector: torch.nn.Module  # DiT width -> VFM width, trained
+def lr_factor(
+    step: int,          # 0-based optimisation step
+    warmup_steps: int,  # linear warm-up length (0: none)
+) -> float:             # multiplier of the base learning rate
+    "Linear warm-up, then constant."
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
-def build_models(
-    cfg: RunConfig,         # resolved configuration (model locations, seed, block)
-    device: torch.device,   # where the models live
-) -> Models:
-    "Build or load every model of a run; the projector is initialised from `cfg.seed`."
-    from sara.text import build_text_encoder  # lazy: the step itself (and GPU benchmarks) need no text stack
-    text = build_text_encoder(cfg.text_model)
-    wan = build_wan(cfg.wan_model, seed=cfg.seed, shift=cfg.flow_shift)
-    n_blocks = len(wan.transformer.blocks)
-    if cfg.block >= n_blocks: raise ConfigError("block", cfg.block, f"a block index in [0, {n_blocks - 1}] (the DiT has {n_blocks} blocks)")
-    vfm = build_vfm(cfg.vfm_model, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    projector = Projector(wan.transformer.config.num_attention_heads * wan.transformer.config.attention_head_dim, vfm.dim)
-    wan.transformer.to(device).train(); wan.vae.to(device); vfm.to(device); projector.to(device).train()
-    if cfg.grad_checkpointing: wan.transformer.enable_gradient_checkpointing()
-    return Models(wan=wan, vfm=vfm, text=text, projector=projector)
-
-# %% ../nbs/train.ipynb #90587e7a
-def prepare_targets(
-    ds,                     # the clips (`sara.data.ClipDataset`)
-    models: Models,         # frozen encoders come from here
-    device: torch.device,   # where to run the frozen encoders
-    progress: bool = True,  # show a progress bar
-) -> list[dict]:            # per clip: latents (z, t, h, w), prompt (L, Dt), prompt_mask (L,), y (T', H', W', D), w (N,)
-    "Encode every clip once with the frozen models: what depends only on the clean clip is never recomputed."
-    out = []
-    for i in tqdm(range(len(ds)), desc="frozen targets", leave=False, disable=not progress):
-        item = ds[i]
-        video = item["video"][None].to(device)                               # 1, T, C, H, W in [-1, 1]
-        with torch.no_grad():
-            lat = encode_video(models.wan.vae, video)[0]                      # z, t, h, w
-            emb, mask = models.text.encode_prompts([item["caption"]])         # 1, L, Dt
-            y = models.vfm(video)[0]                                           # T', H', W', D
-        if item["masks"] is None:
-            raise ValueError(f"{ds.manifest_path} line {item['line']} (clip {item['id']}): field 'masks' is missing; saliency source 'masks' needs per-entity masks for every clip")
-        geo = models.vfm.geometry
-        t_used = geo.usable_frames(item["masks"].shape[1])                   # the frames the VFM saw
-        w = saliency_from_masks(item["masks"][:, :t_used].to(device), geo.tubelet, geo.patch)  # N
-        if w.numel() != y.shape[:3].numel():
-            raise ValueError(f"clip {item['id']}: saliency grid has {w.numel()} tokens but the VFM grid {tuple(y.shape[:3])} has {y.shape[:3].numel()}")
-        out.append(dict(id=item["id"], latents=lat, prompt=emb[0], prompt_mask=mask[0], y=y, w=w))
-    return out
+def lam_at(
+    step: int,          # 1-based optimisation step
+    cfg: RunConfig,     # lam, lam_schedule, lam_warmup_steps, lam_cutoff_step
+) -> float:             # the alignment weight at this step
+    "The TRD weight of a step under the run's lambda schedule."
+    if cfg.lam_schedule == "constant": return cfg.lam
+    if cfg.lam_schedule == "warmup": return cfg.lam * min(1.0, step / max(1, cfg.lam_warmup_steps))
+    return cfg.lam if step <= cfg.lam_cutoff_step else 0.0
 
 # %% ../nbs/train.ipynb #45d02540
+TARGET_OF = dict(sft="y", videorepa="y", sara="y", moalign="y_motion")     # cache field aligned to, per method
+SALIENCY_OF = dict(masks="w", aligner="w_aligner")                          # cache field of the saliency, per source
+LAYER_OF = dict(y_motion="motion", w_aligner="aligner")                     # Stage 1 layer that provides a field
+
+def cache_params(
+    cfg: RunConfig,     # the run
+) -> dict:              # `sara.precompute.PrecomputeConfig` parameters for the run's data
+    "The precompute parameters of the cache this run reads (same data, frames, size, models and seed)."
+    return dict(data_root=cfg.data_root, manifest=cfg.manifest, cache_dir=cfg.cache_dir, n_frames=cfg.n_frames,
+                height=cfg.height, width=cfg.width, wan_model=cfg.wan_model, vfm_model=cfg.vfm_model,
+                text_model=cfg.text_model, seed=cfg.seed, device=cfg.device)
+
+def check_cache_settings(
+    settings: dict,     # `TargetCache.settings`
+    cfg: RunConfig,     # the run
+    where: str,         # the cache folder (for messages)
+):
+    "Refuse a cache made with other data settings than the run's, naming the field."
+    for k in ("n_frames", "height", "width", "wan_model", "vfm_model", "text_model"):
+        if k in settings and settings[k] != getattr(cfg, k):
+            raise ConfigError(k, getattr(cfg, k), f"{settings[k]!r}, the value the cache {where} was made with")
+
+# %% ../nbs/train.ipynb #0c89c88e
+def load_targets(
+    cfg: RunConfig,          # the run
+    progress: bool = True,   # progress bar while building/resuming the cache
+) -> tuple[list[dict], Path]:  # per clip: id, latents, prompt, y (T', H', W', D), w (N,) or None; and the cache folder
+    "Open (building or resuming if needed) the run's cache and pick each clip's target and saliency."
+    from sara.precompute import precompute, open_cache
+    path = Path(cfg.cache) if cfg.cache else precompute(dict(cache_params(cfg), progress=progress))
+    cache = open_cache(path)
+    check_cache_settings(cache.settings, cfg, str(path))
+    if len(cache) == 0: raise ValueError(f"{path}: the cache holds no finished clips (failed: {list(cache.failed)})")
+    tgt = TARGET_OF[cfg.method]
+    sal = SALIENCY_OF[cfg.saliency] if cfg.routing_op not in (None, "uniform") else None
+    for field in (tgt, sal):
+        if field in LAYER_OF and not cache.has_layer(LAYER_OF[field]):
+            raise FileNotFoundError(f"{path}: method {cfg.method!r} / saliency {cfg.saliency!r} needs the Stage 1 layer "
+                                    f"{LAYER_OF[field]!r}; run nbs/aligner.ipynb to write it (layers present: {cache.layers})")
+    out = []
+    for e in cache:
+        for name in ("latents", "prompt", tgt) + ((sal,) if sal else ()):
+            t = e[name]
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{path}: clip {e['id']!r} field {name!r} holds NaN/Inf; refusing to train on it (recompute the entry)")
+        out.append(dict(id=e["id"], latents=e["latents"], prompt=e["prompt"], y=e[tgt], w=e[sal] if sal else None))
+    return out, path
+
+# %% ../nbs/train.ipynb #30a09c33
 def collate_targets(
-    items: list[dict],      # entries of `prepare_targets`
-) -> dict:                  # stacked tensors: latents (B, z, t, h, w), prompt (B, L, Dt), y (B, N, D), w (B, N), grid (T', H', W')
+    items: list[dict],      # entries of `load_targets`
+    device: torch.device,   # where the batch goes
+) -> dict:                  # latents (B, z, t, h, w), prompt (B, L, Dt), y (B, N, D), w (B, N) or None, grid (T', H', W')
     "Stack cached targets into a batch (prompts are padded to the longest)."
     L = max(it["prompt"].shape[0] for it in items)
     pad = lambda x: F.pad(x, (0, 0, 0, L - x.shape[0]))
-    return dict(latents=torch.stack([it["latents"] for it in items]),
-                prompt=torch.stack([pad(it["prompt"]) for it in items]),
-                y=torch.stack([it["y"].flatten(0, 2) for it in items]),
-                w=torch.stack([it["w"] for it in items]),
+    return dict(latents=torch.stack([it["latents"] for it in items]).to(device),
+                prompt=torch.stack([pad(it["prompt"]) for it in items]).to(device),
+                y=torch.stack([it["y"].flatten(0, 2) for it in items]).to(device),
+                w=torch.stack([it["w"] for it in items]).to(device) if items[0]["w"] is not None else None,
                 grid=tuple(items[0]["y"].shape[:3]))
 
-# %% ../nbs/train.ipynb #0c89c88e
+# %% ../nbs/train.ipynb #2edbf0bd
+@dataclass
+class Models:
+    "What a run trains (one DiT, the projector) and what it only reads."
+    wan: object                 # `sara.wan.WanParts`; `dit` is the transformer being trained
+    projector: torch.nn.Module  # DiT width -> target width, always trained
+    vfm: torch.nn.Module = None # frozen VFM, only with `targets_in_loop`
+    text: object = None         # unused by the loop (prompts come from the cache); kept for sampling
+    expert: str = ""            # "", "high" or "low" (A14B)
+    dit_call: object = None     # what the forward calls: the DiT as wrapped by accelerate (DDP/FSDP), default `dit`
+    projector_call: object = None  # likewise for the projector
+
+    @property
+    def dit(self):
+        "The transformer this run trains (A14B: `transformer` is the high-noise expert, `transformer_2` the low-noise one)."
+        return self.wan.transformer_2 if self.expert == "low" else self.wan.transformer
+
+def add_lora(
+    dit: torch.nn.Module,   # the DiT
+    rank: int,              # LoRA rank
+    alpha: float,           # LoRA alpha (0: = rank)
+):
+    "Freeze the DiT and add a LoRA adapter (peft) to its attention and feed-forward projections."
+    from peft import LoraConfig
+    dit.requires_grad_(False)
+    dit.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=True,
+                               target_modules=["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]))
+
+def build_models(
+    cfg: RunConfig,         # resolved configuration (model locations, seed, block, expert, lora)
+    device: torch.device,   # where the models live
+    target_dim: int,        # width of the alignment target (VFM D, or the motion subspace)
+) -> Models:
+    "Build or load the DiT(s) and the projector (initialised from `cfg.seed`); add LoRA and checkpointing as asked."
+    dtype = dict(float32=torch.float32, bfloat16=torch.bfloat16)[cfg.weights_dtype]
+    wan = build_wan(cfg.wan_model, seed=cfg.seed, shift=cfg.flow_shift, dtype=dtype)
+    if cfg.expert and wan.transformer_2 is None:
+        raise ConfigError("expert", cfg.expert, "'' for a model without transformer_2/ (TI2V-5B, tiny): only A14B has experts")
+    models = Models(wan=wan, projector=None, expert=cfg.expert)
+    other = wan.transformer if cfg.expert == "low" else wan.transformer_2
+    if other is not None: other.requires_grad_(False)   # the expert not trained in this run stays frozen
+    dit = models.dit
+    n_blocks = len(dit.blocks)
+    if cfg.block >= n_blocks: raise ConfigError("block", cfg.block, f"a block index in [0, {n_blocks - 1}] (the DiT has {n_blocks} blocks)")
+    if cfg.lora_rank > 0: add_lora(dit, cfg.lora_rank, cfg.lora_alpha)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        models.projector = Projector(dit.config.num_attention_heads * dit.config.attention_head_dim, target_dim)
+    dit.to(device).train(); models.projector.to(device=device, dtype=dtype).train()
+    if cfg.grad_checkpointing: dit.enable_gradient_checkpointing()
+    if cfg.targets_in_loop:
+        from sara.vfm import build_vfm
+        models.vfm = build_vfm(cfg.vfm_model, seed=cfg.seed).to(device)
+    return models
+
+def trainable_parameters(models: Models) -> list:  # the parameters the optimiser updates
+    "Parameters the run trains: the DiT (all of it, or only its LoRA adapter) and the projector."
+    return [p for p in (*models.dit.parameters(), *models.projector.parameters()) if p.requires_grad]
+
+# %% ../nbs/train.ipynb #81419f60
 def step_losses(
     batch: dict,            # from `collate_targets`
     models: Models,         # the run's models
-    cfg: RunConfig,         # method, op, lam, margin, block, trd_impl
+    cfg: RunConfig,         # method, op, margin, block, trd_impl, expert, loss_weighting
     noise_gen: torch.Generator,  # CPU generator of noise and timesteps (seeded identically for every method)
+    lam: float | None = None,    # TRD weight of this step (default `cfg.lam`)
 ) -> dict:                  # fm, trd (0 for sft), total: 0-dim tensors
     "Forward pass of one step: flow-matching loss and, unless `sft`, the (routed) TRD loss."
+    lam = cfg.lam if lam is None else lam
+    dit = models.dit
     x0 = batch["latents"]                                                      # B, z, t, h, w
     noise = torch.randn(x0.shape, generator=noise_gen).to(x0)                # drawn on the CPU: identical on any device
-    sigmas, timesteps = sample_sigmas(models.wan.scheduler, x0.shape[0], noise_gen, device=x0.device)
+    window = expert_window(models.wan.boundary_ratio, cfg.expert)
+    sigmas, timesteps = sample_sigmas(models.wan.scheduler, x0.shape[0], noise_gen, device=x0.device, window=window)
     x_t, target = flow_matching_pair(x0, noise, sigmas.to(x0))
-    with FeatureTap(models.wan.transformer, cfg.block) as tap:
-        pred = dit_forward(models.wan.transformer, x_t, timesteps.to(x0.device), batch["prompt"])
+    with FeatureTap(dit, cfg.block) as tap:
+        pred = dit_forward(dit, x_t, timesteps.to(x0.device), batch["prompt"], call=models.dit_call)
         h = tap.features                                                      # B, N_dit, C
-    fm = flow_matching_loss(pred, target)
+    fm = flow_matching_loss(pred, target, loss_weights(models.wan.scheduler, timesteps, cfg.loss_weighting))
     op = cfg.routing_op
     if op is None: trd = fm.new_zeros(())
     else:
-        p = resample_tokens(models.projector(h), dit_grid(models.wan.transformer, x0.shape), batch["grid"])  # B, N, D
+        proj = models.projector_call or models.projector
+        p = resample_tokens(proj(h.to(models.projector.net[0].weight.dtype)),
+                            dit_grid(dit, x0.shape), batch["grid"])           # B, N, D
         trd = trd_loss(p, batch["y"], w=batch["w"] if op != "uniform" else None, op=op, margin=cfg.margin, impl=cfg.trd_impl)
-    return dict(fm=fm, trd=trd, total=fm + cfg.lam * trd)
+    return dict(fm=fm, trd=trd, total=fm + lam * trd)
 
-# %% ../nbs/train.ipynb #2edbf0bd
+# %% ../nbs/train.ipynb #ea1f2de4
 class MetricsLog:
     "Append-only JSON Lines metrics file; each line is flushed to disk when written."
     def __init__(self, path: str | Path): # the `metrics.jsonl` file
@@ -160,76 +242,240 @@ def read_metrics(
         except json.JSONDecodeError as e: raise ValueError(f"{path} line {i}: not JSON ({e.msg})") from None
     return rows
 
-# %% ../nbs/train.ipynb #ea1f2de4
+def truncate_metrics(
+    path: str | Path,   # a `metrics.jsonl` file
+    step: int,          # keep rows with `step <= step`
+):
+    "Cut a metrics file back to a checkpoint's step (atomically); a torn last line from a crash is dropped too."
+    path = Path(path)
+    if not path.exists(): return
+    keep = []
+    for line in path.read_text().splitlines():
+        try: row = json.loads(line)
+        except json.JSONDecodeError: continue
+        if row.get("step", 0) <= step: keep.append(json.dumps(row))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(l + "\n" for l in keep)); os.replace(tmp, path)
+
+# %% ../nbs/train.ipynb #67be063c
 def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
-def save_checkpoint(
+def dit_weights(models: Models, lora: bool) -> dict:  # name -> tensor
+    "The DiT tensors a weights-only export holds: the LoRA adapter alone, or the whole state dict."
+    sd = models.dit.state_dict()
+    return {k: v for k, v in sd.items() if "lora_" in k} if lora else sd
+
+def export_weights(
     run_dir: str | Path,        # the run folder
-    models: Models,             # trained DiT and projector are saved
+    models: Models,             # trained DiT (or its LoRA adapter) and projector are exported
     cfg: RunConfig,             # saved beside the weights
     step: int,                  # optimisation steps done
-) -> Path:                      # the checkpoint folder
-    "Write `checkpoint/` (DiT and projector safetensors, step in the metadata) and `config.json`, atomically."
+    ema=None,                   # `diffusers.training_utils.EMAModel` of the trainable parameters, exported too when given
+) -> Path:                      # the `checkpoint/` folder
+    "Weights-only safetensors (`transformer` or its LoRA adapter, `projector`, optional EMA) and `config.json`, atomically."
     ck = Path(run_dir) / "checkpoint"; ck.mkdir(parents=True, exist_ok=True)
-    meta = dict(step=str(step), method=cfg.method)
-    _atomic_save(models.wan.transformer.state_dict(), ck / "transformer.safetensors", meta)
+    meta = dict(step=str(step), method=cfg.method, lora_rank=str(cfg.lora_rank), expert=cfg.expert)
+    _atomic_save(dit_weights(models, cfg.lora_rank > 0), ck / "transformer.safetensors", meta)
     _atomic_save(models.projector.state_dict(), ck / "projector.safetensors", meta)
+    if ema is not None:
+        params = trainable_parameters(models)
+        ema.store(params); ema.copy_to(params)
+        try:
+            _atomic_save(dit_weights(models, cfg.lora_rank > 0), ck / "transformer_ema.safetensors", meta)
+            _atomic_save(models.projector.state_dict(), ck / "projector_ema.safetensors", meta)
+        finally: ema.restore(params)
     save_config(cfg, Path(run_dir) / "config.json")
     return ck
 
-# %% ../nbs/train.ipynb #2cd9c2d7
+def load_checkpoint(
+    run_dir: str | Path,   # a run folder written by `train`
+    models: Models,        # models of the same configuration to load into (LoRA added by `build_models`)
+    ema: bool = False,     # load the EMA weights instead of the raw ones
+) -> int:                  # the step the export was taken at
+    "Load a run's weights-only export (strict: every exported key must exist in the models)."
+    ck = Path(run_dir) / "checkpoint"
+    suffix = "_ema" if ema else ""
+    f = ck / f"transformer{suffix}.safetensors"
+    if not f.exists(): raise FileNotFoundError(f"{ck}: no {f.name}; is {run_dir} a finished run{' trained with EMA' if ema else ''}?")
+    from safetensors import safe_open
+    sd = load_file(str(f))
+    with safe_open(str(f), "pt") as fh: meta = fh.metadata()
+    if meta.get("lora_rank", "0") != "0":
+        missing = set(sd) - set(models.dit.state_dict())
+        if missing: raise KeyError(f"{f}: LoRA keys {sorted(missing)[:3]}... not in the model; build it with lora_rank={meta['lora_rank']}")
+        models.dit.load_state_dict(sd, strict=False)
+    else: models.dit.load_state_dict(sd)
+    models.projector.load_state_dict(load_file(str(ck / f"projector{suffix}.safetensors")))
+    return int(meta["step"])
+
+# %% ../nbs/train.ipynb #c790128c
 def check_run_dir(
     run_dir: str | Path,  # the run folder about to be written
     overwrite: bool,      # whether the run may replace an earlier run's files
+    resume: str,          # the run's `resume` setting ("" = a fresh run)
 ):
-    "Refuse to write into a run folder that already holds a checkpoint or metrics, unless `overwrite`."
+    "Refuse to start a fresh run in a folder that holds an earlier run's results, unless `overwrite` (then they are moved aside)."
     rd = Path(run_dir)
-    found = [p.name for p in (rd / "checkpoint", rd / "metrics.jsonl") if p.exists()]
-    if found and not overwrite:
-        raise FileExistsError(f"{rd} already holds {', '.join(found)} from an earlier run; choose another run_name or set overwrite=True")
-    if overwrite and (rd / "metrics.jsonl").exists(): (rd / "metrics.jsonl").unlink()
+    found = [p.name for p in (rd / "checkpoints", rd / "checkpoint", rd / "metrics.jsonl") if p.exists()]
+    if not found or resume: return
+    if not overwrite:
+        raise FileExistsError(f"{rd} already holds {', '.join(found)} from an earlier run; resume it with resume='latest', "
+                              "choose another run_name, or set overwrite=True")
+    old = rd / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"   # nothing already computed is deleted
+    old.mkdir()
+    for name in found: os.replace(rd / name, old / name)
+
+# %% ../nbs/train.ipynb #df6887e1
+class TrainState:
+    "Counters and the CPU noise generator, checkpointed with the run (accelerate custom object)."
+    def __init__(self, seed: int): # the run's seed
+        self.step, self.bad_steps = 0, 0
+        self.noise_gen = torch.Generator().manual_seed(seed + 1)
+    def state_dict(self) -> dict:
+        return dict(step=self.step, bad_steps=self.bad_steps, noise_gen=self.noise_gen.get_state())
+    def load_state_dict(self, d: dict):
+        self.step, self.bad_steps = int(d["step"]), int(d["bad_steps"])
+        self.noise_gen.set_state(d["noise_gen"])
+
+# %% ../nbs/train.ipynb #b32068aa
+def resume_folder(
+    cfg: RunConfig,         # `resume`: "" (fresh), "latest" or a checkpoint folder
+    report=print,           # receives messages about skipped corrupt checkpoints
+) -> Path | None:           # the checkpoint to load, or None for a fresh start
+    "Which checkpoint a run resumes from; a named one must verify, `latest` falls back past corrupt ones."
+    if not cfg.resume: return None
+    if cfg.resume == "latest":
+        ck = latest_checkpoint(Path(cfg.run_dir) / "checkpoints", report)
+        if ck is None: report(f"resume='latest': no usable checkpoint in {cfg.run_dir}/checkpoints; starting fresh")
+        return ck
+    ck = Path(cfg.resume)
+    verify_checkpoint(ck)   # raises CorruptCheckpoint naming the file
+    return ck
 
 # %% ../nbs/train.ipynb #f3feae4b
+def make_accelerator(cfg: RunConfig):
+    "An `accelerate.Accelerator` for the run (mixed precision, TensorBoard tracker, CPU when asked)."
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    log_with = None
+    if cfg.tensorboard:
+        try: import tensorboard  # noqa: F401
+        except ImportError: raise ConfigError("tensorboard", True, "False, or install the `tensorboard` package") from None
+        log_with = "tensorboard"
+    pc = ProjectConfiguration(project_dir=cfg.run_dir, logging_dir=str(Path(cfg.run_dir) / "tensorboard"))
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu", log_with=log_with, project_config=pc)
+
+def _gpu_mem_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+# %% ../nbs/train.ipynb #74001f13
 def train(
     cfg: RunConfig,            # a validated configuration (`make_config`)
-    progress: bool = True,     # show a tqdm progress bar
-) -> dict:                     # run_dir, metrics (list of rows), models, targets (the frozen per-clip targets)
-    "Run Stage 2: frozen targets once, then `cfg.steps` optimisation steps; metrics, checkpoint and config in `cfg.run_dir`."
-    from sara.data import ClipDataset  # lazy: video decoding is only needed to build targets
+    progress: bool = True,     # show progress bars
+    stop_after: int | None = None,  # stop (as if killed) after this many steps of this call; for tests of resume
+) -> dict:                     # run_dir, metrics (rows of this call), models, targets, cache
+    "Run Stage 2 from the cache: `cfg.steps` optimisation steps with checkpoints, metrics, exports and validation."
+    from diffusers.training_utils import EMAModel
     cfg.validate()
-    check_run_dir(cfg.run_dir, cfg.overwrite)
-    device = resolve_device(cfg.device)
-    ds = ClipDataset(cfg.manifest, n_frames=cfg.n_frames, size=(cfg.height, cfg.width))
-    models = build_models(cfg, device)
-    targets = prepare_targets(ds, models, device, progress)
+    check_run_dir(cfg.run_dir, cfg.overwrite, cfg.resume)
+    acc = make_accelerator(cfg)
+    device = acc.device
+    targets, cache = load_targets(cfg, progress)
+    models = build_models(cfg, device, target_dim=targets[0]["y"].shape[-1])
     order = batch_order(len(targets), cfg.steps, cfg.batch_size, cfg.seed)
-    params = [*models.wan.transformer.parameters(), *models.projector.parameters()]
+    if cfg.targets_in_loop:
+        from sara.data import ClipDataset
+        clips = ClipDataset(cfg.manifest, n_frames=cfg.n_frames, size=(cfg.height, cfg.width))
+        clip_pos = {r.id: k for k, r in enumerate(clips.records)}
+    params = trainable_parameters(models)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps))
+    models.dit_call, models.projector_call, opt, sched = acc.prepare(models.dit, models.projector, opt, sched)
+    state = TrainState(cfg.seed)
+    ema = EMAModel(params, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    acc.register_for_checkpointing(state)
+    if ema is not None: acc.register_for_checkpointing(ema)
+    ck = resume_folder(cfg)
+    if ck is not None:
+        acc.load_state(str(ck))
+        print(f"resumed from {ck} at step {state.step}")
+    truncate_metrics(Path(cfg.run_dir) / "metrics.jsonl", state.step)
     save_config(cfg, Path(cfg.run_dir) / "config.json")
+    if cfg.tensorboard: acc.init_trackers("tensorboard", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
     log, rows = MetricsLog(Path(cfg.run_dir) / "metrics.jsonl"), []
-    bar = tqdm(order, desc=f"{cfg.method}", disable=not progress)
+    n_tok = None
+    save = lambda d: acc.save_state(str(d))
+    meta = dict(config=cfg.to_dict())
+    bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, desc=cfg.method, disable=not progress)
     try:
-        for step, idx in enumerate(bar, 1):
+        for i in bar:
+            step, idx = i + 1, order[i]
             t0 = time.perf_counter()
-            batch = collate_targets([targets[i] for i in idx])
-            losses = step_losses(batch, models, cfg, noise_gen)
-            if not torch.isfinite(losses["total"]): raise FloatingPointError(f"step {step}: loss is {losses['total'].item()} (fm={losses['fm'].item()}, trd={losses['trd'].item()})")
+            batch = collate_targets([targets[j] for j in idx], device)
+            if cfg.targets_in_loop:   # ablation: recompute the frozen target inside the step
+                with torch.no_grad():
+                    video = torch.stack([clips[clip_pos[targets[j]["id"]]]["video"] for j in idx]).to(device)  # B, T, C, H, W
+                    batch["y"] = models.vfm(video).flatten(1, 3)                                                # B, N, D
+            n_tok = n_tok or batch["latents"].shape[0] * math.prod(dit_grid(models.dit, batch["latents"].shape))
+            lam = lam_at(step, cfg)
+            with acc.autocast():
+                losses = step_losses(batch, models, cfg, state.noise_gen, lam=lam)
             opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-            opt.step()
-            row = dict(step=step, fm=losses["fm"].item(), trd=losses["trd"].item(), loss=losses["total"].item(),
-                       grad_norm=gnorm.item(), lr=cfg.lr, step_time=time.perf_counter() - t0, clips=idx)
+            finite = bool(torch.isfinite(losses["total"]))
+            if finite:
+                acc.backward(losses["total"])
+                gnorm = acc.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                finite = bool(torch.isfinite(gnorm))
+            if finite:
+                opt.step(); sched.step(); state.bad_steps = 0
+                if ema is not None: ema.step(params)
+            else:   # skip the update, keep the weights; stop after too many in a row
+                opt.zero_grad(set_to_none=True); state.bad_steps += 1
+                if state.bad_steps > cfg.max_bad_steps:
+                    raise FloatingPointError(f"step {step}: non-finite loss or gradient {state.bad_steps} steps in a row "
+                                             f"(fm={losses['fm'].item()}, trd={losses['trd'].item()}); stopping. The last "
+                                             f"checkpoint in {cfg.run_dir}/checkpoints is intact.")
+            state.step = step
+            dt = time.perf_counter() - t0
+            row = dict(step=step, fm=losses["fm"].item(), trd=losses["trd"].item(), loss=losses["total"].item(), lam=lam,
+                       grad_norm=gnorm.item() if finite else float("nan"), lr=sched.get_last_lr()[0], skipped=not finite,
+                       step_time=dt, tokens_per_s=n_tok / dt, gpu_mem_gib=_gpu_mem_gib(), clips=idx)
             rows.append(row)
-            if step % cfg.log_every == 0 or step == cfg.steps: log.write(**row)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.write(**row)
+                if cfg.tensorboard: acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
             bar.set_postfix(fm=f"{row['fm']:.4f}", trd=f"{row['trd']:.4f}")
-    finally: log.close()
-    save_checkpoint(cfg.run_dir, models, cfg, cfg.steps)
-    return dict(run_dir=cfg.run_dir, metrics=rows, models=models, targets=targets)
+            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                write_checkpoint(Path(cfg.run_dir) / "checkpoints", step, save, cfg.keep_last, meta)
+            if cfg.validate_every and step % cfg.validate_every == 0: run_validation(models, cfg, step)
+            if stop_after is not None and len(rows) >= stop_after: break
+    finally:
+        log.close()
+        if cfg.tensorboard: acc.end_training()
+    if state.step == cfg.steps: export_weights(cfg.run_dir, models, cfg, state.step, ema)
+    return dict(run_dir=cfg.run_dir, metrics=rows, models=models, targets=targets, cache=cache)
+
+# %% ../nbs/train.ipynb #5fea175e
+def run_validation(
+    models: Models,     # the run's models (the DiT being trained is used as is)
+    cfg: RunConfig,     # validation settings
+    step: int,          # current step (folder name)
+) -> Path:              # the folder with the mp4 files
+    "Sample the validation prompts with WanPipeline and write them as mp4 (no gradients; training mode restored)."
+    from sara.evaluate import sample_clips
+    from sara.precompute import open_cache
+    out = Path(cfg.run_dir) / "validation" / f"step_{step:06d}"
+    dit = models.dit
+    was_training = dit.training
+    dit.eval()
+    try:
+        cache = open_cache(cfg.cache) if cfg.cache else None
+        sample_clips(models, cfg, out, cache=cache, n=cfg.validation_clips, steps=cfg.validation_steps)
+    finally: dit.train(was_training)
+    return out
 
 # %% ../nbs/train.ipynb #1cfb4c41
 def plot_losses(
@@ -247,27 +493,31 @@ def plot_losses(
     return fig
 
 # %% ../nbs/train.ipynb #92e501d5
-def load_checkpoint(
-    run_dir: str | Path,   # a run folder written by `train`
-    models: Models,        # models of the same configuration to load into
-) -> int:                  # the step the checkpoint was taken at
-    "Load the DiT and projector weights of a run's checkpoint (strict: every key must match)."
-    ck = Path(run_dir) / "checkpoint"
-    if not (ck / "transformer.safetensors").exists(): raise FileNotFoundError(f"{ck}: no transformer.safetensors; is {run_dir} a finished run?")
-    from safetensors import safe_open
-    models.wan.transformer.load_state_dict(load_file(str(ck / "transformer.safetensors")))
-    models.projector.load_state_dict(load_file(str(ck / "projector.safetensors")))
-    with safe_open(str(ck / "transformer.safetensors"), "pt") as f: return int(f.metadata()["step"])
+def cli_args(cfg: RunConfig) -> list[str]:  # `--field value` for every field of `cfg`
+    "The command-line flags that rebuild `cfg` in `sara-train`."
+    return [a for f in fields(RunConfig) for a in (f"--{f.name}", str(getattr(cfg, f.name)))]
 
-# %% ../nbs/train.ipynb #e4149e76
-def train_cli():
-    "Console entry point `sara-train`: every `RunConfig` field is a `--flag`."
+def train_cli(argv: list[str] | None = None):  # command-line arguments (default: `sys.argv[1:]`)
+    "Console entry point `sara-train` (and `python -m sara.train`): every `RunConfig` field is a `--flag`."
     import argparse
-    from dataclasses import fields
-    ap = argparse.ArgumentParser(description="Stage 2 training of the SARA workbench")
+    ap = argparse.ArgumentParser(prog="sara-train", description="Stage 2 training of the SARA workbench")
     for f in fields(RunConfig):
         if f.type == "bool": ap.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
         else: ap.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type], default=None)
-    args = {k: v for k, v in vars(ap.parse_args()).items() if v is not None}
+    args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
     out = train(make_config(args))
-    print(json.dumps(dict(run_dir=out["run_dir"], last=out["metrics"][-1])))
+    if out["metrics"]: print(json.dumps(dict(run_dir=out["run_dir"], last=out["metrics"][-1])))
+
+def launch(
+    cfg: RunConfig,               # the run
+    num_processes: int,           # GPUs (processes)
+    accelerate_config: str = "",  # an accelerate config file (FSDP / DeepSpeed), "" = plain data parallel
+) -> subprocess.CompletedProcess:
+    "Run `train` on several GPUs through `accelerate launch -m sara.train` (blocking)."
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    if accelerate_config: cmd += ["--config_file", accelerate_config]
+    cmd += ["-m", "sara.train", *cli_args(cfg)]
+    return subprocess.run(cmd, check=True)
+
+# %% ../nbs/train.ipynb #e4149e76
+if __name__ == "__main__" and "__file__" in globals(): train_cli()  # `python -m sara.train`, not the notebook itself

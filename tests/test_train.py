@@ -1,4 +1,4 @@
-"Integration tests of Stage 2: the papermill entry point, identical data order across methods, bad input."
+"Integration tests of Stage 2: papermill entry point, one code path for every method, exact resume, exports, bad input."
 import json, os, subprocess, sys
 from pathlib import Path
 
@@ -6,37 +6,51 @@ import pytest
 import torch
 
 from sara.config import make_config, site_settings, ConfigError
+from sara.checkpoint import list_checkpoints
 from sara.train import train, read_metrics, load_checkpoint, build_models, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cfg_for(tmp_path, **kw):
-    params = dict(run_name="t", steps=3, batch_size=2, runs_dir=str(tmp_path / "runs"))
-    params.update(kw)
-    return make_config(params, settings=site_settings(ROOT, env={}))
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    "One precompute cache folder shared by the tests of this module (built on first use, then resumed)."
+    return str(tmp_path_factory.mktemp("cache"))
 
 
-def test_papermill_runs_train_notebook(tmp_path):
+@pytest.fixture
+def cfg_for(tmp_path, cache_dir):
+    def make(**kw):
+        params = dict(run_name="t", steps=3, batch_size=2, runs_dir=str(tmp_path / "runs"), cache_dir=cache_dir,
+                      checkpoint_every=0)
+        params.update(kw)
+        return make_config(params, settings=site_settings(ROOT, env={}))
+    return make
+
+
+def test_papermill_runs_train_notebook(tmp_path, cache_dir):
     "The README's batch path: papermill executes nbs/train.ipynb with parameters and writes the run folder."
     out = tmp_path / "run.ipynb"
     cmd = [sys.executable, "-m", "papermill", "--cwd", str(ROOT / "nbs"), str(ROOT / "nbs" / "train.ipynb"), str(out),
-           "-p", "run_name", "pm", "-p", "steps", "2", "-p", "runs_dir", str(tmp_path / "runs"), "--log-level", "ERROR"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+           "-p", "run_name", "pm", "-p", "steps", "2", "-p", "runs_dir", str(tmp_path / "runs"),
+           "-p", "checkpoint_every", "1", "--log-level", "ERROR"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SARA_CACHE_DIR": cache_dir}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "pm"
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["trd"] > 0 for r in rows), "sara must add a TRD term"
     assert (run / "checkpoint" / "transformer.safetensors").stat().st_size > 0
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [1, 2]
     assert json.loads((run / "config.json").read_text())["config"]["method"] == "sara"
     nb = json.loads(out.read_text())
     assert any("plotly" in json.dumps(c.get("outputs", [])) for c in nb["cells"]), "the loss curve must be drawn"
 
 
-def test_methods_share_data_order_and_lam0_equals_sft(tmp_path):
+def test_methods_share_data_order_and_lam0_equals_sft(cfg_for):
     "Switching method changes only the loss: with lam=0 every method follows the SFT trajectory bit for bit."
-    runs = {m: train(cfg_for(tmp_path, run_name=m, method=m, lam=0.0), progress=False)["metrics"] for m in ("sft", "videorepa", "sara")}
+    runs = {m: train(cfg_for(run_name=m, method=m, lam=0.0), progress=False)["metrics"] for m in ("sft", "videorepa", "sara")}
     for m in ("videorepa", "sara"):
         assert [r["clips"] for r in runs[m]] == [r["clips"] for r in runs["sft"]]
         assert [r["fm"] for r in runs[m]] == [r["fm"] for r in runs["sft"]]
@@ -44,45 +58,102 @@ def test_methods_share_data_order_and_lam0_equals_sft(tmp_path):
     assert all(r["trd"] == 0 for r in runs["sft"])
 
 
-def test_trd_changes_training_when_lam_positive(tmp_path):
-    a = train(cfg_for(tmp_path, run_name="a", method="sft"), progress=False)["metrics"]
-    b = train(cfg_for(tmp_path, run_name="b", method="sara", lam=1.0), progress=False)["metrics"]
+def test_trd_changes_training_when_lam_positive(cfg_for):
+    a = train(cfg_for(run_name="a", method="sft"), progress=False)["metrics"]
+    b = train(cfg_for(run_name="b", method="sara", lam=1.0), progress=False)["metrics"]
     assert a[0]["fm"] == b[0]["fm"]          # same start: same weights, data, noise
     assert a[-1]["fm"] != b[-1]["fm"]        # the TRD gradient changed the trajectory
 
 
-def test_checkpoint_round_trip(tmp_path):
-    cfg = cfg_for(tmp_path, steps=2)
+def test_resume_is_exact(cfg_for):
+    "Stopping after 3 of 6 steps and resuming from the checkpoint reproduces the uninterrupted run exactly."
+    full = train(cfg_for(run_name="full", steps=6, checkpoint_every=1, ema_decay=0.9, warmup_steps=2), progress=False)["metrics"]
+    part = cfg_for(run_name="part", steps=6, checkpoint_every=1, ema_decay=0.9, warmup_steps=2)
+    first = train(part, progress=False, stop_after=3)["metrics"]
+    assert len(first) == 3 and not (Path(part.run_dir) / "checkpoint").exists()
+    part.resume = "latest"
+    rest = train(part, progress=False)["metrics"]
+    assert [r["step"] for r in rest] == [4, 5, 6]
+    keys = ("fm", "trd", "loss", "grad_norm", "lr", "clips")
+    assert [{k: r[k] for k in keys} for r in first + rest] == [{k: r[k] for k in keys} for r in full]
+    assert [r["step"] for r in read_metrics(Path(part.run_dir) / "metrics.jsonl")] == list(range(1, 7))
+
+
+def test_checkpoint_round_trip_and_ema_export(cfg_for):
+    cfg = cfg_for(steps=2, ema_decay=0.5)
     out = train(cfg, progress=False)
-    fresh = build_models(cfg, resolve_device("cpu"))
+    fresh = build_models(cfg, resolve_device("cpu"), target_dim=out["targets"][0]["y"].shape[-1])
     assert load_checkpoint(cfg.run_dir, fresh) == 2
-    for (k, a), (_, b) in zip(out["models"].wan.transformer.state_dict().items(), fresh.wan.transformer.state_dict().items()):
+    for (k, a), (_, b) in zip(out["models"].dit.state_dict().items(), fresh.dit.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert load_checkpoint(cfg.run_dir, fresh, ema=True) == 2
+    assert any(not torch.equal(a, b) for a, b in zip(out["models"].dit.state_dict().values(), fresh.dit.state_dict().values()))
+
+
+def test_lora_trains_only_the_adapter(cfg_for):
+    cfg = cfg_for(steps=2, lora_rank=4)
+    out = train(cfg, progress=False)
+    dit = out["models"].dit
+    assert all(("lora_" in n) == p.requires_grad for n, p in dit.named_parameters())
+    exported = Path(cfg.run_dir) / "checkpoint" / "transformer.safetensors"
+    from safetensors.torch import load_file
+    keys = load_file(str(exported))
+    assert keys and all("lora_" in k for k in keys)
+    fresh = build_models(cfg, resolve_device("cpu"), target_dim=out["targets"][0]["y"].shape[-1])
+    load_checkpoint(cfg.run_dir, fresh)
+    for (k, a), (_, b) in zip(dit.state_dict().items(), fresh.dit.state_dict().items()):
         assert torch.equal(a, b), k
 
 
-def test_existing_run_is_not_overwritten(tmp_path):
-    cfg = cfg_for(tmp_path, steps=1)
+def test_lambda_cutoff_turns_alignment_off(cfg_for):
+    rows = train(cfg_for(steps=3, lam_schedule="cutoff", lam_cutoff_step=1), progress=False)["metrics"]
+    assert [r["lam"] for r in rows] == [0.5, 0.0, 0.0]
+
+
+def test_existing_run_is_not_overwritten(cfg_for):
+    cfg = cfg_for(steps=1)
     train(cfg, progress=False)
     ck = Path(cfg.run_dir) / "checkpoint" / "transformer.safetensors"
     before = ck.read_bytes()
     with pytest.raises(FileExistsError, match="already holds"):
         train(cfg, progress=False)
     assert ck.read_bytes() == before
+    cfg.overwrite = True
+    train(cfg, progress=False)                        # the earlier run is moved aside, not deleted
+    moved = list(Path(cfg.run_dir).glob("previous-*/checkpoint/transformer.safetensors"))
+    assert len(moved) == 1 and moved[0].read_bytes() == before
 
 
-def test_bad_parameters_name_the_field(tmp_path):
-    with pytest.raises(ConfigError, match="RunConfig.method = 'repa'.*sft, videorepa, sara"):
-        cfg_for(tmp_path, method="repa")
+def test_bad_parameters_name_the_field(cfg_for):
+    with pytest.raises(ConfigError, match="RunConfig.method = 'repa'.*sft, videorepa, moalign, sara"):
+        cfg_for(method="repa")
     with pytest.raises(ConfigError, match="RunConfig.op = 'nand'"):
-        cfg_for(tmp_path, op="nand")
+        cfg_for(op="nand")
     with pytest.raises(ConfigError, match="RunConfig.block = 99"):
-        train(cfg_for(tmp_path, block=99), progress=False)
+        train(cfg_for(block=99), progress=False)
     with pytest.raises(ConfigError, match="RunConfig.stpes"):
-        cfg_for(tmp_path, stpes=3)
+        cfg_for(stpes=3)
+    with pytest.raises(ConfigError, match="RunConfig.expert = 'high'"):
+        train(cfg_for(expert="high"), progress=False)
 
 
-def test_manifest_error_names_line(tmp_path):
+def test_missing_stage1_layer_is_named(cfg_for):
+    with pytest.raises(FileNotFoundError, match="layer 'aligner'"):
+        train(cfg_for(saliency="aligner"), progress=False)
+    with pytest.raises(FileNotFoundError, match="layer 'motion'"):
+        train(cfg_for(method="moalign"), progress=False)
+
+
+def test_targets_in_loop_matches_cache(cfg_for):
+    "The in-loop ablation recomputes exactly what the cache holds: same trajectory."
+    a = train(cfg_for(run_name="cached", steps=2), progress=False)["metrics"]
+    b = train(cfg_for(run_name="inloop", steps=2, targets_in_loop=True), progress=False)["metrics"]
+    for x, y in zip(a, b):
+        assert abs(x["trd"] - y["trd"]) < 1e-5 and x["fm"] == y["fm"]
+
+
+def test_manifest_error_names_line(cfg_for, tmp_path):
     data = tmp_path / "data"; data.mkdir()
     (data / "manifest.jsonl").write_text(json.dumps(dict(video="missing.mp4", caption="a red circle", entities=["red circle"])) + "\n")
     with pytest.raises(FileNotFoundError, match="line 1"):
-        train(cfg_for(tmp_path, data_root=str(data)), progress=False)
+        train(cfg_for(data_root=str(data)), progress=False)
