@@ -7,9 +7,11 @@ Docs: https://sara-workbench.github.io/sara/data.html.md"""
 # %% ../nbs/data.ipynb #4c9f77b8
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,13 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 # %% auto #0
-__all__ = ['TOY_BACKGROUND', 'TOY_COLOURS', 'TOY_SHAPES', 'atomic_path', 'ClipRecord', 'read_manifest', 'load_video',
-           'write_video', 'frame_indices', 'sample_frames', 'resize_video', 'save_masks', 'read_mask_entities',
-           'load_masks', 'check_masks', 'ClipDataset', 'collate_clips', 'render_toy_clip', 'make_toy_world']
+__all__ = ['ENTITY_PROMPT', 'TOY_BACKGROUND', 'TOY_COLOURS', 'TOY_SHAPES', 'atomic_path', 'ClipRecord', 'check_prompts',
+           'read_manifest', 'parse_entity_list', 'EntityExtractor', 'load_video', 'write_video', 'frame_indices',
+           'sample_frames', 'resize_video', 'save_masks', 'read_mask_entities', 'load_masks', 'check_masks',
+           'ClipDataset', 'collate_clips', 'render_toy_clip', 'render_toy_clip_with_flow', 'flow_path', 'save_flow',
+           'load_flow', 'find_flow', 'make_toy_world', 'write_toy_flow']
 
 # %% ../nbs/data.ipynb #beb43d5c
 @contextmanager
@@ -57,14 +61,45 @@ class ClipRecord:
     caption: str        # the prompt
     entities: list[str] # entity phrases named by the caption, in mask order
     masks: Path | None  # resolved path of the masks file, if any
-    line: int           # 1-based line number in the manifest
+    line: int           # 1-based line number in the manifest (CSV: the row's line, the header is line 1)
+    prompts: dict | None = None  # per-entity box / point prompts for SAM 2 (see `check_prompts`), if any
+    root: Path | None = None     # the manifest's folder (the data root: `flow/<id>.safetensors` lives there)
 
 # %% ../nbs/data.ipynb #f3a2c2a3
+def check_prompts(
+    prompts: dict,        # {entity: {"frame": int, "box": [x0, y0, x1, y1]} or {"frame": int, "points": [[x, y], ...], "labels": [1 or 0, ...]}}
+    entities: list[str],  # the clip's entities (every key of `prompts` must be one of them)
+    where: str = "prompts", # what to blame in errors ('file line N')
+) -> dict:                # `prompts`, validated
+    "Validate the SAM 2 prompts of a manifest line: pixel boxes (x0, y0, x1, y1) or points with labels (1 = on the object, 0 = off), on a frame."
+    if not isinstance(prompts, dict): raise ValueError(f"{where}: field 'prompts' must be an object {{entity: prompt}}, got {prompts!r}")
+    for ent, p in prompts.items():
+        w = f"{where}: field 'prompts' entry {ent!r}"
+        if ent not in entities: raise ValueError(f"{w}: not one of the entities {entities}")
+        if not isinstance(p, dict): raise ValueError(f"{w} must be an object with 'box' or 'points', got {p!r}")
+        fr = p.get("frame", 0)
+        if not isinstance(fr, int) or isinstance(fr, bool) or fr < 0: raise ValueError(f"{w}: 'frame' must be an int >= 0, got {fr!r}")
+        if ("box" in p) == ("points" in p): raise ValueError(f"{w} needs exactly one of 'box' or 'points', got keys {sorted(p)}")
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        if "box" in p:
+            b = p["box"]
+            if not (isinstance(b, list) and len(b) == 4 and all(map(num, b)) and b[0] < b[2] and b[1] < b[3]):
+                raise ValueError(f"{w}: 'box' must be [x0, y0, x1, y1] pixels with x0 < x1, y0 < y1, got {b!r}")
+        else:
+            pts, lab = p["points"], p.get("labels")
+            if not (isinstance(pts, list) and pts and all(isinstance(q, list) and len(q) == 2 and all(map(num, q)) for q in pts)):
+                raise ValueError(f"{w}: 'points' must be a non-empty list of [x, y] pixels, got {pts!r}")
+            if lab is None: lab = [1] * len(pts)
+            if not (isinstance(lab, list) and len(lab) == len(pts) and all(v in (0, 1) for v in lab)):
+                raise ValueError(f"{w}: 'labels' must be {len(pts)} values in {{0, 1}}, got {lab!r}")
+    return prompts
+
+# %% ../nbs/data.ipynb #4114cd3c
 def _resolve(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return (p if p.is_absolute() else base / p).resolve()
 
-def _parse_manifest_line(obj, where: str, base: Path, lineno: int) -> ClipRecord:
+def _parse_manifest_line(obj, where: str, base: Path, lineno: int, extractor=None) -> ClipRecord:
     "Validate one decoded manifest line; `where` prefixes every error ('file line N')."
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -73,7 +108,16 @@ def _parse_manifest_line(obj, where: str, base: Path, lineno: int) -> ClipRecord
         if not isinstance(obj[key], str) or not obj[key].strip():
             raise ValueError(f"{where}: field '{key}' must be a non-empty string, got {obj[key]!r}")
     why = "(a caption with no entities cannot be routed)"
-    if "entities" not in obj: raise ValueError(f"{where}: field 'entities' is missing {why}")
+    if obj.get("entities") is None:
+        if extractor is None:
+            raise ValueError(f"{where}: field 'entities' is missing {why}; list them in the manifest, or let a "
+                             "text-generation model extract them: read_manifest(path, extractor=EntityExtractor("
+                             "'<local model dir>')) (settings key `entity_model`)")
+        try: obj = {**obj, "entities": list(extractor(obj["caption"]))}
+        except Exception as e: raise ValueError(f"{where}: the entity extractor failed on the caption ({e})") from e
+        if not obj["entities"]:
+            raise ValueError(f"{where}: field 'entities' is missing and the entity extractor found none in the caption "
+                             f"{obj['caption']!r} {why}")
     ents = obj["entities"]
     if not isinstance(ents, list): raise ValueError(f"{where}: field 'entities' must be a list of strings, got {ents!r}")
     if not ents: raise ValueError(f"{where}: field 'entities' is empty {why}")
@@ -92,42 +136,180 @@ def _parse_manifest_line(obj, where: str, base: Path, lineno: int) -> ClipRecord
     cid = obj.get("id", video.stem)
     if not isinstance(cid, str) or not cid.strip():
         raise ValueError(f"{where}: field 'id' must be a non-empty string, got {cid!r}")
-    return ClipRecord(id=cid, video=video, caption=obj["caption"], entities=list(ents), masks=masks, line=lineno)
+    prompts = obj.get("prompts")
+    if prompts is not None: check_prompts(prompts, ents, where)
+    return ClipRecord(id=cid, video=video, caption=obj["caption"], entities=list(ents), masks=masks, line=lineno,
+                      prompts=prompts, root=base)
 
-# %% ../nbs/data.ipynb #6036d5a1
+# %% ../nbs/data.ipynb #ed7b634f
+def _csv_rows(path: Path):
+    "Yield (line number, dict) per CSV row: column 'video' (or 'path'), 'caption', optional 'entities', 'id', 'masks', 'prompts'."
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        if "video" not in cols and "path" not in cols:
+            raise ValueError(f"{path} line 1: the CSV header {cols} has neither a 'video' nor a 'path' column")
+        if "caption" not in cols: raise ValueError(f"{path} line 1: the CSV header {cols} has no 'caption' column")
+        for row in reader:
+            # the row's first line: where the reader stands minus the line breaks inside quoted fields
+            lineno = reader.line_num - sum(v.count("\n") for v in row.values() if isinstance(v, str))
+            row = {(k or "").strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()}
+            if not any(row.values()): continue
+            where = f"{path} line {lineno}"
+            obj = {"video": row.get("video") or row.get("path"), "caption": row.get("caption")}
+            for key in ("id", "masks"):
+                if row.get(key): obj[key] = row[key]
+            ents = row.get("entities")
+            if ents:
+                if ents.startswith("["):
+                    try: obj["entities"] = json.loads(ents)
+                    except json.JSONDecodeError as e: raise ValueError(f"{where}: field 'entities': invalid JSON list ({e.msg})") from None
+                else: obj["entities"] = [e.strip() for e in ents.split(";")]
+            if row.get("prompts"):
+                try: obj["prompts"] = json.loads(row["prompts"])
+                except json.JSONDecodeError as e: raise ValueError(f"{where}: field 'prompts': invalid JSON ({e.msg})") from None
+            yield lineno, obj
+
+def _jsonl_rows(path: Path):
+    "Yield (line number, decoded object) per non-blank JSON Lines line."
+    for lineno, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip(): continue
+        try: obj = json.loads(text)
+        except json.JSONDecodeError as e: raise ValueError(f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        yield lineno, obj
+
 def read_manifest(
-    path: str | Path, # a JSON Lines clip manifest
+    path: str | Path,  # a JSON Lines (.jsonl) or CSV (.csv) clip manifest
+    extractor=None,    # callable caption -> list[str] (e.g. `EntityExtractor`) for lines without entities
 ) -> list[ClipRecord]: # one record per non-blank line, in file order
     "Read and validate a clip manifest; errors name the file, the line and the field at fault."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"manifest not found: {path}")
     base, records, seen = path.resolve().parent, [], {}
-    for lineno, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not text.strip(): continue
+    rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+    for lineno, obj in rows:
         where = f"{path} line {lineno}"
-        try: obj = json.loads(text)
-        except json.JSONDecodeError as e: raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        rec = _parse_manifest_line(obj, where, base, lineno)
+        rec = _parse_manifest_line(obj, where, base, lineno, extractor)
         if rec.id in seen: raise ValueError(f"{where}: field 'id': duplicate id {rec.id!r} (first used on line {seen[rec.id]})")
         seen[rec.id] = lineno
         records.append(rec)
     if not records: raise ValueError(f"{path}: the manifest holds no clips")
     return records
 
+# %% ../nbs/data.ipynb #866d05c3
+_ARTICLES = re.compile(r"^(?:a|an|the)\s+", re.I)
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]+|\d+[.)]|\(\d+\))\s*")
+
+def _clean_entity(item: str) -> str:
+    item = _BULLET.sub("", item.strip())
+    item = item.strip(" \t\"'`[](){}.:!?")
+    item = re.sub(r"^(?:and|or)\s+", "", item, flags=re.I)
+    item = _ARTICLES.sub("", item)
+    return re.sub(r"\s+", " ", item).strip(" \t\"'`.")
+
+def parse_entity_list(
+    text: str,           # a model's answer
+    max_words: int = 6,  # longer items are prose, not entity names, and are dropped
+    max_items: int = 16, # keep at most this many entities
+) -> list[str]:          # entity phrases in order of appearance, without duplicates (case-insensitive); may be empty
+    "Parse a list of entity phrases out of free-form model output (JSON list, bullets, lines or commas)."
+    if not isinstance(text, str): raise TypeError(f"text must be a str, got {type(text).__name__}")
+    items = None
+    m = re.search(r"\[[^\[\]]*\]", text)                 # a JSON list anywhere in the answer
+    if m:
+        try:
+            got = json.loads(m.group(0))
+            if isinstance(got, list) and all(isinstance(x, str) for x in got): items = got
+        except json.JSONDecodeError: pass
+    if items is None:
+        body = re.split(r"\n\s*\n|caption\s*:", text, maxsplit=1, flags=re.I)[0]  # stop at a blank line or an echo
+        body = re.sub(r"^\s*entities\s*:", "", body, flags=re.I)
+        items = re.split(r"[,;\n]", body)
+    out, seen = [], set()
+    for it in items:
+        e = _clean_entity(it)
+        if not e or not re.search(r"[^\W\d_]", e) or len(e.split()) > max_words: continue
+        if e.lower() in seen: continue
+        seen.add(e.lower()); out.append(e)
+        if len(out) == max_items: break
+    return out
+
+# %% ../nbs/data.ipynb #1fd3c3d9
+ENTITY_PROMPT = ("List the visible entities (objects, people, animals) named in this video caption, as a JSON list "
+                 "of short noun phrases and nothing else.\nCaption: {caption}\nEntities:")
+
+class EntityExtractor:
+    "Extract the entities of a caption with a transformers causal LM (greedy decoding), parsed by `parse_entity_list`."
+    def __init__(self,
+                 model,                      # local model directory / cached hub id, or a loaded `PreTrainedModel`
+                 tokenizer=None,             # its tokenizer; default: loaded from `model`'s directory
+                 max_new_tokens: int = 48,   # generation budget of one answer
+                 prompt: str = ENTITY_PROMPT, # template with a `{caption}` slot
+                 device=None,                # torch device; default: the model's
+                ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        if "{caption}" not in prompt: raise ValueError(f"prompt must contain a '{{caption}}' slot, got {prompt!r}")
+        if isinstance(model, (str, Path)):
+            src = str(Path(model).expanduser()) if Path(model).expanduser().exists() else str(model)
+            try:
+                tokenizer = tokenizer or AutoTokenizer.from_pretrained(src, local_files_only=True)
+                model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True)
+            except OSError as e:
+                raise FileNotFoundError(f"entity model {src!r} is neither a local model directory nor in the local cache ({e})") from e
+        if tokenizer is None: raise ValueError("pass the tokenizer of a loaded model")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        if device is not None: self.model.to(device)
+        self.max_new_tokens, self.prompt = int(max_new_tokens), prompt
+
+    def _inputs(self, caption: str):
+        text = self.prompt.format(caption=caption.strip())
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+        tok = self.tokenizer(text, return_tensors="pt")
+        dev = next(self.model.parameters()).device
+        return tok["input_ids"].to(dev), tok["attention_mask"].to(dev)
+
+    @torch.no_grad()
+    def generate_text(self,
+                      caption: str,  # the caption
+                     ) -> str:       # the model's raw answer (new tokens only)
+        "The model's answer to the entity prompt for `caption` (greedy)."
+        ids, mask = self._inputs(caption)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                                  do_sample=False, pad_token_id=pad)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    def __call__(self,
+                 caption: str,  # the caption
+                ) -> list[str]: # parsed entity phrases (may be empty)
+        "Entities of `caption`."
+        if not isinstance(caption, str) or not caption.strip(): raise ValueError(f"caption must be a non-empty string, got {caption!r}")
+        return parse_entity_list(self.generate_text(caption))
+
 # %% ../nbs/data.ipynb #d370c5d3
 def load_video(
-    path: str | Path, # a video file PyAV can read
-) -> torch.Tensor:    # uint8 (T, C, H, W) RGB frames
-    "Decode every frame of the first video stream of `path`."
+    path: str | Path,          # a video file PyAV can read
+    min_frames: int | None = None, # if given, ValueError naming the file when it decodes to fewer frames
+) -> torch.Tensor:             # uint8 (T, C, H, W) RGB frames
+    "Decode every frame of the first video stream of `path`; unreadable, truncated or too short files raise naming the file."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"video not found: {path}")
+    frames, declared = [], 0
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video: raise ValueError(f"{path}: no video stream")
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]  # T x (H, W, 3)
-    except (av.error.FFmpegError, UnicodeDecodeError) as e:
+            if not container.streams.video: raise ValueError(f"{path}: no video stream (unreadable or truncated file?)")
+            declared = container.streams.video[0].frames  # 0 when the container does not say
+            for f in container.decode(video=0): frames.append(f.to_ndarray(format="rgb24"))  # T x (H, W, 3)
+    except (av.error.FFmpegError, UnicodeDecodeError, IndexError) as e:
+        if frames: raise ValueError(f"{path}: truncated or corrupt video: decoding failed after {len(frames)} frames ({e})") from e
         raise ValueError(f"{path}: cannot decode video ({e})") from e
     if not frames: raise ValueError(f"{path}: the video stream holds no frames")
+    if declared and len(frames) < declared:
+        raise ValueError(f"{path}: truncated video: the container declares {declared} frames but only {len(frames)} decode")
+    if min_frames is not None and len(frames) < min_frames:
+        raise ValueError(f"{path}: the video has {len(frames)} frames, fewer than the {min_frames} needed")
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()  # T, C, H, W
 
 # %% ../nbs/data.ipynb #a32046f6
@@ -369,12 +551,8 @@ def _toy_caption(names: list[str], hits: list[tuple[int, int]]) -> str:
     return ", then ".join(clauses) + tail
 
 # %% ../nbs/data.ipynb #6f64f7bd
-def render_toy_clip(
-    rng: np.random.Generator,   # source of randomness (the clip is a pure function of its state)
-    n_frames: int = 17,         # frames to render
-    size: int | tuple[int, int] = 64, # frame side, or (height, width)
-) -> tuple[torch.Tensor, torch.Tensor, str, list[str]]: # frames uint8 (T, 3, H, W), masks bool (E, T, H, W), caption, entities
-    "Render one toy clip of 2-3 bouncing shapes with exact visible-pixel masks."
+def _render_toy(rng: np.random.Generator, n_frames: int, size, with_flow: bool):
+    "The toy renderer; `with_flow` adds the exact forward flow without touching the random stream."
     H, W = (size, size) if isinstance(size, int) else size
     side = min(H, W)
     E = 3 if rng.random() < 0.3 else 2
@@ -394,6 +572,7 @@ def render_toy_clip(
     yy, xx = np.mgrid[0:H, 0:W] + 0.5
     frames = np.empty((n_frames, H, W, 3), np.uint8)
     masks = np.zeros((E, n_frames, H, W), bool)
+    disp = np.zeros((n_frames, E, 2))                           # displacement (dx, dy) of each shape from t to t+1
     hits: list[tuple[int, int]] = []
     for t in range(n_frames):
         frames[t] = TOY_BACKGROUND
@@ -403,6 +582,7 @@ def render_toy_clip(
             masks[:k, t] &= ~m
             masks[k, t] = m
         if t == n_frames - 1: break
+        before = pos.copy()
         pos += vel
         for k in range(E):                                      # walls
             for ax, lim in ((0, W), (1, H)):
@@ -416,10 +596,74 @@ def render_toy_clip(
                     n = d / dist; dv = np.dot(vel[i] - vel[j], n) * n
                     vel[i] -= dv; vel[j] += dv
                     if (i, j) not in hits: hits.append((i, j))
-    return (torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(masks),
-            _toy_caption(names, hits), names)
+        disp[t] = pos - before
+    out = (torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(masks),
+           _toy_caption(names, hits), names)
+    if not with_flow: return out
+    if n_frames > 1: disp[-1] = disp[-2]                        # last frame: the velocity it arrived with
+    flow = np.einsum("etij,tec->tcij", masks.astype(np.float32), disp.astype(np.float32))  # T, 2, H, W
+    return (*out, torch.from_numpy(np.ascontiguousarray(flow, dtype=np.float32)))
+
+def render_toy_clip(
+    rng: np.random.Generator,   # source of randomness (the clip is a pure function of its state)
+    n_frames: int = 17,         # frames to render
+    size: int | tuple[int, int] = 64, # frame side, or (height, width)
+) -> tuple[torch.Tensor, torch.Tensor, str, list[str]]: # frames uint8 (T, 3, H, W), masks bool (E, T, H, W), caption, entities
+    "Render one toy clip of 2-3 bouncing shapes with exact visible-pixel masks."
+    return _render_toy(rng, n_frames, size, with_flow=False)
 
 # %% ../nbs/data.ipynb #d946f50c
+def render_toy_clip_with_flow(
+    rng: np.random.Generator,   # source of randomness (same clip as `render_toy_clip` for the same state)
+    n_frames: int = 17,         # frames to render
+    size: int | tuple[int, int] = 64, # frame side, or (height, width)
+) -> tuple[torch.Tensor, torch.Tensor, str, list[str], torch.Tensor]: # frames, masks, caption, entities, flow float32 (T, 2, H, W)
+    "`render_toy_clip` plus the exact forward optical flow (dx, dy pixels per frame of the visible shape; 0 on background)."
+    return _render_toy(rng, n_frames, size, with_flow=True)
+
+# %% ../nbs/data.ipynb #fb389d73
+def flow_path(
+    root: str | Path, # the data root (the manifest's folder)
+    clip_id: str,     # the clip id
+) -> Path:            # `root/flow/<clip_id>.safetensors`
+    "Where the ground-truth flow of a clip lives, by convention."
+    return Path(root) / "flow" / f"{clip_id}.safetensors"
+
+def save_flow(
+    path: str | Path,        # the .safetensors file to create
+    flow: torch.Tensor,      # float (T, 2, H, W) forward flow, (dx, dy) pixels per frame
+    overwrite: bool = False, # replace `path` if it already exists?
+) -> Path:                   # `path`
+    "Write a flow tensor (key 'flow', float32), atomically."
+    path = Path(path)
+    if not isinstance(flow, torch.Tensor) or flow.dim() != 4 or flow.shape[1] != 2 or not flow.is_floating_point():
+        raise ValueError(f"{path}: flow must be a float tensor (T, 2, H, W), got "
+                         f"{getattr(flow, 'dtype', type(flow))} {tuple(getattr(flow, 'shape', ()))}")
+    with atomic_path(path, overwrite) as tmp: save_file({"flow": flow.detach().float().cpu().contiguous()}, str(tmp))
+    return path
+
+def load_flow(
+    path: str | Path, # a flow file written by `save_flow`
+) -> torch.Tensor:    # float32 (T, 2, H, W)
+    "Load and check a flow file."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"flow file not found: {path}")
+    try: tensors = load_file(str(path))
+    except Exception as e: raise ValueError(f"{path}: cannot read flow ({e})") from e
+    if "flow" not in tensors: raise ValueError(f"{path}: no tensor 'flow' (found {sorted(tensors)})")
+    flow = tensors["flow"]
+    if flow.dim() != 4 or flow.shape[1] != 2: raise ValueError(f"{path}: flow must be (T, 2, H, W), got shape {tuple(flow.shape)}")
+    return flow.float()
+
+def find_flow(
+    record: ClipRecord, # a manifest record (its `root` and `id` locate the file)
+) -> Path | None:       # the flow file, or None when the clip has none
+    "The ground-truth flow file of a clip, `<root>/flow/<id>.safetensors`, if it exists."
+    if record.root is None: return None
+    p = flow_path(record.root, record.id)
+    return p if p.is_file() else None
+
+# %% ../nbs/data.ipynb #9ac1d290
 def make_toy_world(
     root: str | Path,        # folder to create (videos/, masks/, manifest.jsonl)
     n_clips: int = 8,        # number of clips
@@ -428,6 +672,7 @@ def make_toy_world(
     seed: int = 0,           # the whole world is a function of the seed
     fps: int = 8,            # frames per second of the videos
     overwrite: bool = False, # replace existing files?
+    with_flow: bool = False, # also write the exact flow to root/flow/<id>.safetensors (see `find_flow`)
 ) -> Path:                   # the manifest path
     "Write a toy dataset of bouncing shapes with exact masks: root/videos/<id>.mp4, root/masks/<id>.safetensors, root/manifest.jsonl."
     root = Path(root)
@@ -437,10 +682,26 @@ def make_toy_world(
     lines = []
     for i, child in enumerate(np.random.SeedSequence(seed).spawn(n_clips)):  # clip i depends on (seed, i) only
         cid = f"toy_{i:03d}"
-        frames, masks, caption, entities = render_toy_clip(np.random.default_rng(child), n_frames, size)
+        frames, masks, caption, entities, flow = render_toy_clip_with_flow(np.random.default_rng(child), n_frames, size)
+        if with_flow: save_flow(flow_path(root, cid), flow, overwrite=overwrite)
         write_video(root / "videos" / f"{cid}.mp4", frames, fps=fps, overwrite=overwrite)
         save_masks(root / "masks" / f"{cid}.safetensors", masks, entities, overwrite=overwrite)
         lines.append(json.dumps({"id": cid, "video": f"videos/{cid}.mp4", "caption": caption,
                                  "entities": entities, "masks": f"masks/{cid}.safetensors"}))
     with atomic_path(manifest, overwrite) as tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return manifest
+
+def write_toy_flow(
+    root: str | Path,        # an existing toy world made by `make_toy_world` with the same arguments
+    n_clips: int = 8,        # as in `make_toy_world`
+    n_frames: int = 17,      # as in `make_toy_world`
+    size: int = 64,          # as in `make_toy_world`
+    seed: int = 0,           # as in `make_toy_world`
+    overwrite: bool = False, # replace existing flow files?
+) -> list[Path]:             # the flow files written
+    "Add root/flow/<id>.safetensors to an existing toy world without touching its videos, masks or manifest."
+    out = []
+    for i, child in enumerate(np.random.SeedSequence(seed).spawn(n_clips)):
+        *_, flow = render_toy_clip_with_flow(np.random.default_rng(child), n_frames, size)
+        out.append(save_flow(flow_path(root, f"toy_{i:03d}"), flow, overwrite=overwrite))
+    return out

@@ -7,10 +7,21 @@ Docs: https://sara-workbench.github.io/sara/masks.html.md"""
 # %% ../nbs/masks.ipynb #fc71337c
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 import torch
+import torch.nn.functional as F
+
+from .data import ClipRecord, check_masks, find_flow, load_flow, load_masks, read_mask_entities
 
 # %% auto #0
-__all__ = ['MERGE_RULES', 'reduce_to_grid', 'merge_entities', 'saliency_from_masks']
+__all__ = ['MERGE_RULES', 'MASK_PROVIDERS', 'reduce_to_grid', 'merge_entities', 'saliency_from_masks', 'MaskResult',
+           'empty_entities', 'MaskProvider', 'ToyMaskProvider', 'Sam3MaskProvider', 'make_tiny_sam3_dir',
+           'Sam2MaskProvider', 'make_tiny_sam2_dir', 'build_mask_provider', 'flow_to_grid', 'ToyFlowProvider',
+           'RaftFlowProvider', 'build_flow_provider']
 
 # %% ../nbs/masks.ipynb #9e5d423b
 def _as_float_masks(masks: torch.Tensor) -> torch.Tensor:
@@ -82,3 +93,374 @@ def saliency_from_masks(
     grid = reduce_to_grid(masks, tubelet, patch)  # [B,] E, T', H', W'
     merged = merge_entities(grid, how, entity_mask, entity_dim=masks.dim() - 4)  # [B,] T', H', W'
     return merged.flatten(-3)  # [B,] N
+
+# %% ../nbs/masks.ipynb #438b6fc4
+class MaskResult(NamedTuple):
+    "Masks of one clip and the entities found nowhere."
+    masks: torch.Tensor   # (E, T, H, W) bool
+    empty: list           # names of the entities whose mask is all zero
+
+def empty_entities(
+    masks: torch.Tensor,  # (E, T, H, W) masks
+    entities: list[str],  # the E entity names
+) -> list[str]:           # the entities whose mask is all zero, in entity order
+    "Entities a provider found nowhere."
+    if masks.shape[0] != len(entities):
+        raise ValueError(f"masks of shape {tuple(masks.shape)} have {masks.shape[0]} planes for {len(entities)} entities")
+    hit = masks.reshape(len(entities), -1).ne(0).any(1).tolist() if len(entities) else []
+    return [e for e, h in zip(entities, hit) if not h]
+
+class MaskProvider:
+    "Interface of mask providers: `provider(video, entities, record) -> MaskResult`."
+    name = "base"
+
+    def masks(self, video: torch.Tensor, entities: list[str], record) -> torch.Tensor:
+        "(E, T, H, W) masks; implemented by each provider."
+        raise NotImplementedError
+
+    def __call__(self,
+                 video: torch.Tensor,    # uint8 (T, C, H, W) RGB frames (as `sara.data.load_video` returns)
+                 entities: list[str],    # the clip's E entity phrases
+                 record=None,            # its `ClipRecord` (masks file, prompts, id) or None
+                ) -> MaskResult:         # masks bool (E, T, H, W) and the empty entities
+        "Per-entity, per-frame masks of `video`; entities found nowhere get an all-zero mask and are listed."
+        if not isinstance(video, torch.Tensor) or video.dtype != torch.uint8 or video.dim() != 4 or video.shape[1] != 3:
+            raise ValueError(f"video must be uint8 (T, 3, H, W), got {getattr(video, 'dtype', type(video))} "
+                             f"{tuple(getattr(video, 'shape', ()))}")
+        if not isinstance(entities, (list, tuple)) or not entities or not all(isinstance(e, str) and e.strip() for e in entities):
+            raise ValueError(f"entities must be a non-empty list of non-empty strings, got {entities!r}")
+        m = self.masks(video, list(entities), record)
+        T, _, H, W = video.shape
+        if tuple(m.shape) != (len(entities), T, H, W):
+            raise RuntimeError(f"{self.name} provider returned masks {tuple(m.shape)}, expected {(len(entities), T, H, W)}")
+        m = m.bool() if m.dtype == torch.bool else m.gt(0.5)
+        return MaskResult(m, empty_entities(m, list(entities)))
+
+# %% ../nbs/masks.ipynb #3833ca71
+class ToyMaskProvider(MaskProvider):
+    "Exact masks from the clip's masks file (`record.masks`, written by `sara.data.make_toy_world`)."
+    name = "toy"
+
+    def masks(self, video, entities, record):
+        if record is None or getattr(record, "masks", None) is None:
+            where = f"manifest line {record.line}" if record is not None else "no record given"
+            raise ValueError(f"the toy mask provider needs a record with a 'masks' file ({where})")
+        m = load_masks(record.masks)  # E, T, H, W
+        names = read_mask_entities(record.masks)
+        if names is not None and names != list(entities):
+            raise ValueError(f"{record.masks}: entities {names} differ from the requested {list(entities)}")
+        check_masks(m, video, entities, record.masks)
+        return m.bool() if m.dtype == torch.bool else m.gt(0.5)
+
+# %% ../nbs/masks.ipynb #46847616
+def _model_type(path: Path) -> str:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file(): raise FileNotFoundError(f"{path}: no config.json (expected a transformers model directory)")
+    return json.loads(cfg.read_text()).get("model_type", "")
+
+class Sam3MaskProvider(MaskProvider):
+    "SAM 3 text-prompted masks: one prompt per entity (video model: tracked masklets; image model: per frame)."
+    name = "sam3"
+
+    def __init__(self,
+                 path,                       # local directory of a SAM 3 checkpoint (model + processor files)
+                 threshold: float = 0.5,     # image model: instance score threshold
+                 device: str = "cpu",        # inference device
+                 dtype: torch.dtype = torch.float32, # model dtype
+                ):
+        path = Path(path).expanduser()
+        if not path.is_dir(): raise FileNotFoundError(f"SAM 3 directory {path} does not exist")
+        self.kind = _model_type(path)
+        import transformers as tf
+        if self.kind == "sam3_video":
+            self.processor = tf.Sam3VideoProcessor.from_pretrained(path, local_files_only=True)
+            self.model = tf.Sam3VideoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+        elif self.kind == "sam3":
+            self.processor = tf.Sam3Processor.from_pretrained(path, local_files_only=True)
+            self.model = tf.Sam3Model.from_pretrained(path, dtype=dtype, local_files_only=True)
+        else:
+            raise ValueError(f"{path}: config model_type {self.kind!r} is not a SAM 3 model ('sam3_video' or 'sam3')")
+        self.model.to(device).eval()
+        self.device, self.dtype, self.threshold = device, dtype, float(threshold)
+
+    @torch.inference_mode()
+    def _video(self, video, entities):
+        T, _, H, W = video.shape
+        out = torch.zeros(len(entities), T, H, W, dtype=torch.bool)
+        sess = self.processor.init_video_session(video=video.permute(0, 2, 3, 1).numpy(), inference_device=self.device,
+                                                 dtype=self.dtype)
+        self.processor.add_text_prompt(sess, list(entities))
+        for mo in self.model.propagate_in_video_iterator(sess):
+            r = self.processor.postprocess_outputs(sess, mo)
+            ids = r["object_ids"].tolist()
+            for k, e in enumerate(entities):
+                for oid in r["prompt_to_obj_ids"].get(e, []):
+                    out[k, mo.frame_idx] |= r["masks"][ids.index(oid)].cpu()
+        return out
+
+    @torch.inference_mode()
+    def _frames(self, video, entities):
+        T, _, H, W = video.shape
+        out = torch.zeros(len(entities), T, H, W, dtype=torch.bool)
+        frames = list(video)  # T x (C, H, W)
+        for k, e in enumerate(entities):
+            inp = self.processor(images=frames, text=[e] * T, return_tensors="pt").to(self.device)
+            res = self.model(**{n: v for n, v in inp.items() if n in ("pixel_values", "input_ids", "attention_mask")})
+            post = self.processor.post_process_instance_segmentation(res, threshold=self.threshold, mask_threshold=0.5,
+                                                                    target_sizes=[(H, W)] * T)
+            for t, r in enumerate(post):
+                if len(r["masks"]): out[k, t] = r["masks"].bool().any(0).cpu()
+        return out
+
+    def masks(self, video, entities, record):
+        return self._video(video, entities) if self.kind == "sam3_video" else self._frames(video, entities)
+
+# %% ../nbs/masks.ipynb #7303238f
+def _tiny_tokenizer():
+    from transformers import AutoTokenizer
+    from sara.text import minilm_path
+    return AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+
+def make_tiny_sam3_dir(
+    path,                 # directory to create
+    video: bool = True,   # a `sam3_video` model (else the `sam3` image model)
+    image_size: int = 112, # input side (multiple of 14 x 8)
+    seed: int = 0,        # init seed
+) -> Path:                # `path`
+    "TEST ONLY: a tiny random SAM 3 (video or image) with its processor, the MiniLM tokenizer standing in for CLIP's."
+    import transformers as tf
+    tok, S = _tiny_tokenizer(), int(image_size)
+    g = S // 14  # patch grid of the backbone
+    fs = [[4 * g, 4 * g], [2 * g, 2 * g], [g, g]]
+    vis = dict(backbone_config=dict(model_type="sam3_vit_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, image_size=S, patch_size=14, window_size=4,
+                                    global_attn_indexes=[1], pretrain_image_size=S), backbone_feature_sizes=fs)
+    det = dict(vision_config=vis,
+               text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, projection_dim=32,
+                                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
+                                bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id),
+               geometry_encoder_config=dict(num_layers=1, intermediate_size=64),
+               detr_encoder_config=dict(num_layers=1, intermediate_size=64),
+               detr_decoder_config=dict(num_layers=1, num_queries=8, intermediate_size=64),
+               mask_decoder_config=dict())
+    root = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if video:
+            trk = dict(vision_config=dict(vis, model_type="sam3_vision_model"),
+                       prompt_encoder_config=dict(image_size=S, patch_size=14), mask_decoder_config=dict(mlp_dim=64),
+                       num_maskmem=2, memory_attention_num_layers=1, memory_attention_feed_forward_hidden_size=64,
+                       memory_attention_rope_feat_sizes=[g, g], memory_fuser_intermediate_dim=64, memory_fuser_num_layers=1,
+                       image_size=S, max_object_pointers_in_encoder=2)
+            cfg = tf.Sam3VideoConfig(detector_config=det, tracker_config=trk, low_res_mask_size=4 * g, hotstart_delay=0)
+            model = tf.Sam3VideoModel(cfg)
+            proc = tf.Sam3VideoProcessor(image_processor=tf.Sam3ImageProcessor(size={"height": S, "width": S}),
+                                         video_processor=tf.Sam2VideoVideoProcessor(size={"height": S, "width": S},
+                                                                                   image_mean=[0.5] * 3, image_std=[0.5] * 3),
+                                         tokenizer=tok)
+        else:
+            model = tf.Sam3Model(tf.Sam3Config(**det))
+            proc = tf.Sam3Processor(image_processor=tf.Sam3ImageProcessor(size={"height": S, "width": S},
+                                                                           mask_size={"height": 4 * g, "width": 4 * g}),
+                                    tokenizer=tok)
+    model.save_pretrained(root); proc.save_pretrained(root)
+    return root
+
+# %% ../nbs/masks.ipynb #f38e98d6
+def _sam2_backend() -> str:
+    "'transformers' when transformers ships Sam2VideoModel, 'sam2' when the sam2 package is installed; else ImportError."
+    try:
+        from transformers import Sam2VideoModel, Sam2VideoProcessor  # noqa: F401
+        return "transformers"
+    except ImportError: pass
+    try:
+        import sam2  # noqa: F401
+        return "sam2"
+    except ImportError: pass
+    raise ImportError("the sam2 mask provider needs transformers >= 4.56 (Sam2VideoModel) or the `sam2` package: "
+                      "pip install -U transformers   (or: pip install git+https://github.com/facebookresearch/sam2)")
+
+class Sam2MaskProvider(MaskProvider):
+    "SAM 2 video masks propagated from the box / point prompt of each entity (manifest field `prompts`)."
+    name = "sam2"
+
+    def __init__(self,
+                 path,                       # local directory of a transformers SAM 2 video checkpoint
+                 device: str = "cpu",        # inference device
+                 dtype: torch.dtype = torch.float32, # model dtype
+                ):
+        self.backend = _sam2_backend()
+        if self.backend != "transformers":
+            raise ImportError("only transformers' Sam2VideoModel is wired up; upgrade transformers (pip install -U transformers)")
+        from transformers import Sam2VideoModel, Sam2VideoProcessor
+        path = Path(path).expanduser()
+        if not path.is_dir(): raise FileNotFoundError(f"SAM 2 directory {path} does not exist")
+        self.processor = Sam2VideoProcessor.from_pretrained(path, local_files_only=True)
+        self.model = Sam2VideoModel.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval()
+        self.device, self.dtype = device, dtype
+
+    @torch.inference_mode()
+    def _one(self, frames, prompt, T, H, W):
+        out = torch.zeros(T, H, W, dtype=torch.bool)
+        fr = int(prompt.get("frame", 0))
+        if fr >= T: raise ValueError(f"prompt frame {fr} is beyond the clip's {T} frames")
+        sess = self.processor.init_video_session(video=frames, inference_device=self.device, dtype=self.dtype)
+        kw = dict(input_boxes=[[list(map(float, prompt["box"]))]]) if "box" in prompt else dict(
+            input_points=[[[list(map(float, q)) for q in prompt["points"]]]],
+            input_labels=[[list(prompt.get("labels", [1] * len(prompt["points"])))]])
+        self.processor.add_inputs_to_inference_session(sess, frame_idx=fr, obj_ids=[1], **kw)
+        self.model(inference_session=sess, frame_idx=fr)
+        for reverse in (False, True):
+            if reverse and fr == 0: break
+            for mo in self.model.propagate_in_video_iterator(sess, start_frame_idx=fr, reverse=reverse):
+                m = self.processor.post_process_masks([mo.pred_masks], original_sizes=[[H, W]], binarize=True)[0]
+                out[mo.frame_idx] = m[0, 0].cpu()
+        return out
+
+    def masks(self, video, entities, record):
+        prompts = getattr(record, "prompts", None) or {}
+        missing = [e for e in entities if e not in prompts]
+        if missing:
+            where = f"manifest line {record.line}" if record is not None else "no record given"
+            raise ValueError(f"the sam2 provider needs a box or point prompt per entity in the manifest field 'prompts' "
+                             f"({where}); missing for {missing}")
+        T, _, H, W = video.shape
+        frames = video.permute(0, 2, 3, 1).numpy()  # T, H, W, C
+        return torch.stack([self._one(frames, prompts[e], T, H, W) for e in entities])
+
+# %% ../nbs/masks.ipynb #8a84851b
+def make_tiny_sam2_dir(
+    path,                  # directory to create
+    image_size: int = 128, # input side (multiple of 32)
+    seed: int = 0,         # init seed
+) -> Path:                 # `path`
+    "TEST ONLY: a tiny random transformers SAM 2 video model with its processor."
+    import transformers as tf
+    S = int(image_size); g = S // 4
+    vis = dict(model_type="sam2_vision_model",
+               backbone_config=dict(model_type="sam2_hiera_det_model", hidden_size=16, image_size=[S, S],
+                                    blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[16, 32, 64, 128],
+                                    num_attention_heads_per_stage=[1, 1, 2, 2], window_size_per_stage=[8, 4, 4, 2],
+                                    global_attention_blocks=[3], window_positional_embedding_background_size=[2, 2]),
+               backbone_channel_list=[128, 64, 32, 16], backbone_feature_sizes=[[g, g], [g // 2, g // 2], [g // 4, g // 4]])
+    cfg = tf.Sam2VideoConfig(vision_config=vis, prompt_encoder_config=dict(image_size=S, patch_size=16),
+                             mask_decoder_config=dict(mlp_dim=64), memory_attention_num_layers=1,
+                             memory_attention_feed_forward_hidden_size=64, memory_attention_rope_feat_sizes=[g // 4, g // 4],
+                             memory_fuser_intermediate_dim=64, memory_fuser_num_layers=1, image_size=S,
+                             max_object_pointers_in_encoder=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tf.Sam2VideoModel(cfg)
+    proc = tf.Sam2VideoProcessor(image_processor=tf.Sam2ImageProcessorFast(size={"height": S, "width": S}),
+                                 video_processor=tf.Sam2VideoVideoProcessor(size={"height": S, "width": S}))
+    root = Path(path)
+    model.save_pretrained(root); proc.save_pretrained(root)
+    return root
+
+# %% ../nbs/masks.ipynb #cdc28283
+MASK_PROVIDERS = ("toy", "sam3", "sam2")
+
+def build_mask_provider(
+    name: str,        # "toy", "sam3" or "sam2"
+    path=None,        # local checkpoint directory (sam3, sam2)
+    **kwargs,         # passed to the provider (threshold, device, dtype)
+) -> MaskProvider:
+    "The mask provider named in the settings."
+    if name == "toy": return ToyMaskProvider()
+    if name not in MASK_PROVIDERS: raise ValueError(f"mask provider must be one of {MASK_PROVIDERS}, got {name!r}")
+    if path is None: raise ValueError(f"the {name} mask provider needs `path`, a local checkpoint directory (settings key `mask_model`)")
+    return (Sam3MaskProvider if name == "sam3" else Sam2MaskProvider)(path, **kwargs)
+
+# %% ../nbs/masks.ipynb #10d01e59
+def flow_to_grid(
+    flow: torch.Tensor, # (T, 2, H, W) forward flow (dx, dy) in pixels per frame
+    tubelet: int,       # frames per token along time
+    patch: int,         # pixels per token along height and width
+) -> torch.Tensor:      # (T/tubelet, H/patch, W/patch, 2) mean flow of each token cell
+    "Average a per-pixel flow over each token cell (its frames and pixels)."
+    if not isinstance(flow, torch.Tensor) or flow.dim() != 4 or flow.shape[1] != 2:
+        raise ValueError(f"flow must be (T, 2, H, W), got shape {tuple(getattr(flow, 'shape', ()))}")
+    if tubelet < 1 or patch < 1: raise ValueError(f"tubelet and patch must be >= 1, got tubelet={tubelet}, patch={patch}")
+    T, _, H, W = flow.shape
+    for name, n, k, what in (("T", T, tubelet, "tubelet"), ("H", H, patch, "patch"), ("W", W, patch, "patch")):
+        if n % k:
+            raise ValueError(f"flow of shape {tuple(flow.shape)} (T, 2, H, W): {name} = {n} is not divisible by {what} = {k}")
+    f = flow if flow.is_floating_point() else flow.float()
+    cells = f.reshape(T // tubelet, tubelet, 2, H // patch, patch, W // patch, patch)  # T', t, 2, H', p, W', p
+    return cells.mean(dim=(1, 4, 6)).permute(0, 2, 3, 1)  # T', H', W', 2
+
+# %% ../nbs/masks.ipynb #f3adadf6
+class ToyFlowProvider:
+    "Exact flow of a toy clip from `<root>/flow/<id>.safetensors`."
+    name = "toy"
+    def __call__(self,
+                 video: torch.Tensor,  # uint8 (T, C, H, W) (only its shape is checked)
+                 record: ClipRecord,   # the clip's record
+                ) -> torch.Tensor:     # float32 (T, 2, H, W)
+        "Load the clip's ground-truth flow, checking it against the video's shape."
+        p = find_flow(record) if record is not None else None
+        if p is None:
+            raise FileNotFoundError(f"clip {getattr(record, 'id', None)!r} has no flow file "
+                                    f"(expected {getattr(record, 'root', '?')}/flow/<id>.safetensors)")
+        fl = load_flow(p)
+        T, _, H, W = video.shape
+        if tuple(fl.shape) != (T, 2, H, W):
+            raise ValueError(f"{p}: flow has shape {tuple(fl.shape)} but the video {tuple(video.shape)} needs {(T, 2, H, W)}")
+        return fl
+
+class RaftFlowProvider(torch.nn.Module):
+    "torchvision RAFT (small or large) with local weights: forward flow of consecutive frames."
+    name = "raft"
+    def __init__(self,
+                 size: str = "small",        # "small" or "large"
+                 weights=None,               # a local state-dict file (.pth / .safetensors); None: random init (tests only)
+                 num_flow_updates: int = 12, # RAFT refinement iterations
+                 batch: int = 8,             # frame pairs per forward
+                ):
+        super().__init__()
+        from torchvision.models.optical_flow import raft_large, raft_small
+        if size not in ("small", "large"): raise ValueError(f"size must be 'small' or 'large', got {size!r}")
+        self.model = (raft_small if size == "small" else raft_large)(weights=None, progress=False)
+        if weights is not None:
+            wp = Path(weights).expanduser()
+            if not wp.is_file(): raise FileNotFoundError(f"RAFT weights file {wp} does not exist")
+            if wp.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                sd = load_file(str(wp))
+            else: sd = torch.load(str(wp), map_location="cpu", weights_only=True)
+            self.model.load_state_dict(sd)
+        self.model.eval().requires_grad_(False)
+        self.num_flow_updates, self.batch = int(num_flow_updates), int(batch)
+
+    @torch.no_grad()
+    def forward(self,
+                video: torch.Tensor,  # uint8 (T, C, H, W), T >= 2
+                record=None,          # unused (same call as ToyFlowProvider)
+               ) -> torch.Tensor:     # float32 (T, 2, H, W)
+        "Forward flow of each frame to the next; the last frame repeats the previous flow."
+        if video.dim() != 4 or video.shape[1] != 3 or video.shape[0] < 2:
+            raise ValueError(f"video must be (T, 3, H, W) with T >= 2, got shape {tuple(video.shape)}")
+        T, _, H, W = video.shape
+        h8, w8 = max(128, round(H / 8) * 8), max(128, round(W / 8) * 8)  # RAFT's pyramid needs >= 128 px
+        dev = next(self.model.parameters()).device
+        x = video.float().div(127.5).sub(1).to(dev)  # T, C, H, W in [-1, 1]
+        if (h8, w8) != (H, W): x = F.interpolate(x, size=(h8, w8), mode="bilinear", align_corners=False)
+        out = []
+        for i in range(0, T - 1, self.batch):
+            j = min(i + self.batch, T - 1)
+            out.append(self.model(x[i:j], x[i + 1:j + 1], num_flow_updates=self.num_flow_updates)[-1])
+        fl = torch.cat(out)  # T-1, 2, h8, w8
+        if (h8, w8) != (H, W):
+            fl = F.interpolate(fl, size=(H, W), mode="bilinear", align_corners=False)
+            fl = fl * torch.tensor([W / w8, H / h8], device=fl.device).view(1, 2, 1, 1)
+        return torch.cat([fl, fl[-1:]]).float().cpu()
+
+def build_flow_provider(
+    name: str,        # "toy", "raft_small" or "raft_large"
+    path=None,        # RAFT: local weights file
+    **kwargs,         # passed to `RaftFlowProvider`
+):
+    "The flow provider named in the settings."
+    if name == "toy": return ToyFlowProvider()
+    if name in ("raft_small", "raft_large"): return RaftFlowProvider(name.split("_")[1], path, **kwargs)
+    raise ValueError(f"flow provider must be 'toy', 'raft_small' or 'raft_large', got {name!r}")

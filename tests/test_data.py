@@ -244,3 +244,210 @@ def test_shipped_toy_is_regenerable(tmp_path):
     assert man.read_text() == TOY.read_text()
     for a, b in zip(read_manifest(man), read_manifest(TOY)):
         assert hashlib.sha256(a.masks.read_bytes()).digest() == hashlib.sha256(b.masks.read_bytes()).digest()
+
+
+# ---------------------------------------------------------------- CSV manifests, entity extraction
+from sara.data import (EntityExtractor, check_prompts, find_flow, flow_path, load_flow, parse_entity_list,
+                       render_toy_clip_with_flow, save_flow, write_toy_flow)
+
+
+def _csv(mdir, text):
+    (mdir / "m.csv").write_text(text)
+    return mdir / "m.csv"
+
+
+def test_csv_manifest_columns_and_entities(mdir):
+    recs = read_manifest(_csv(mdir, 'id,path,caption,entities\n'
+                                    'fox,videos/a.mp4,"a red fox, a log","[""red fox"", ""log""]"\n'
+                                    '\n'
+                                    'dog,videos/a.mp4,a dog,dog; ball\n'))
+    assert [(r.id, r.line, r.entities) for r in recs] == [("fox", 2, ["red fox", "log"]), ("dog", 4, ["dog", "ball"])]
+    assert recs[0].video == (mdir / "videos" / "a.mp4").resolve() and recs[0].root == mdir.resolve()
+    recs = read_manifest(_csv(mdir, 'video,caption,entities\nvideos/a.mp4,x,"[""x""]"\n'))
+    assert recs[0].id == "a"
+
+
+@pytest.mark.parametrize("text,msg", [
+    ('clip,caption\na.mp4,x\n', r"m\.csv line 1: the CSV header"),
+    ('video,text\na.mp4,x\n', r"m\.csv line 1: the CSV header .* no 'caption'"),
+    ('video,caption,entities\nvideos/a.mp4,x,x\nvideos/nope.mp4,y,y\n', r"m\.csv line 3: field 'video': file not found"),
+    ('video,caption,entities\nvideos/a.mp4,x,"[""x"""\n', r"m\.csv line 2: field 'entities': invalid JSON"),
+    ('video,caption,entities\nvideos/a.mp4,,x\n', r"m\.csv line 2: field 'caption' must be a non-empty string"),
+    ('video,caption,entities\nvideos/a.mp4,x,x;x\n', r"m\.csv line 2: field 'entities' has duplicates"),
+])
+def test_csv_manifest_errors(mdir, text, msg):
+    with pytest.raises((ValueError, FileNotFoundError), match=msg):
+        read_manifest(_csv(mdir, text))
+
+
+def test_missing_entities_says_how_to_configure(mdir):
+    with pytest.raises(ValueError, match=r"m\.csv line 2: field 'entities' is missing.*EntityExtractor"):
+        read_manifest(_csv(mdir, 'video,caption\nvideos/a.mp4,a red fox\n'))
+    with pytest.raises(ValueError, match=r"manifest\.jsonl line 1: field 'entities' is missing.*extractor="):
+        read_manifest(_write(mdir, {"video": "videos/a.mp4", "caption": "a fox"}))
+
+
+def test_extractor_fills_entities_and_errors_name_line(mdir):
+    seen = []
+    recs = read_manifest(_csv(mdir, 'id,video,caption,entities\nf,videos/a.mp4,a red fox and a log,\nc,videos/a.mp4,a cat,cat\n'),
+                         extractor=lambda c: seen.append(c) or ["red fox", "log"])
+    assert seen == ["a red fox and a log"]  # only the line without entities asks the extractor
+    assert [r.entities for r in recs] == [["red fox", "log"], ["cat"]]
+    with pytest.raises(ValueError, match=r"line 2: field 'entities' is missing and the entity extractor found none"):
+        read_manifest(_csv(mdir, 'video,caption\nvideos/a.mp4,a fox\n'), extractor=lambda c: [])
+    def boom(c): raise RuntimeError("out of memory")
+    with pytest.raises(ValueError, match=r"line 2: the entity extractor failed.*out of memory"):
+        read_manifest(_csv(mdir, 'video,caption\nvideos/a.mp4,a fox\n'), extractor=boom)
+
+
+@pytest.mark.parametrize("text,want", [
+    ('["a red fox", "the fallen log"]', ["red fox", "fallen log"]),
+    ("Entities: a red fox, a fallen log, and snow.", ["red fox", "fallen log", "snow"]),
+    ("1. red fox\n2) fallen log\n- Red Fox\n\nCaption: a fox in the snow", ["red fox", "fallen log"]),
+    ('Here you go: ["dog", "ball"] Hope this helps!', ["dog", "ball"]),
+    ('Entities: ["red fox", "log', ["red fox", "log"]),                 # cut off mid-JSON
+    ("* 'cat'\n* \"dog\"\n* cat", ["cat", "dog"]),
+    ("", []), ("!!! 42 ...", []),
+    ("a sentence that rambles on and on about nothing in particular at all, bird", ["bird"]),
+])
+def test_parse_entity_list(text, want):
+    assert parse_entity_list(text) == want
+
+
+def test_parse_entity_list_limits():
+    assert len(parse_entity_list(", ".join(f"thing{i}" for i in range(40)))) == 16
+    with pytest.raises(TypeError):
+        parse_entity_list(None)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from sara.text import minilm_path
+    d = tmp_path_factory.mktemp("lm")
+    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                 bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_entity_extractor_tiny_llama(tiny_lm_dir, mdir, monkeypatch):
+    ex = EntityExtractor(tiny_lm_dir, max_new_tokens=10)
+    ans = ex.generate_text("a red fox jumps over a log")
+    assert isinstance(ans, str) and ans.strip()
+    assert ex.generate_text("a red fox jumps over a log") == ans      # greedy: deterministic
+    ents = ex("a red fox jumps over a log")
+    assert isinstance(ents, list) and all(isinstance(e, str) and e for e in ents)
+    # through read_manifest, with the model's answer replaced by a canned one
+    monkeypatch.setattr(ex, "generate_text", lambda c: '["red fox", "log"]')
+    recs = read_manifest(_csv(mdir, 'video,caption\nvideos/a.mp4,a red fox jumps over a log\n'), extractor=ex)
+    assert recs[0].entities == ["red fox", "log"]
+    with pytest.raises(ValueError, match="caption"):
+        ex("  ")
+    with pytest.raises(ValueError, match="caption"):
+        EntityExtractor(tiny_lm_dir, prompt="no slot")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        EntityExtractor(mdir / "nowhere")
+
+
+def test_manifest_prompts_validated(mdir):
+    ok = {**GOOD, "prompts": {"red circle": {"frame": 1, "box": [0, 0, 8, 8]}}}
+    assert read_manifest(_write(mdir, ok))[0].prompts == ok["prompts"]
+    bad = {**GOOD, "prompts": {"red circle": {"points": [[1, 2]], "labels": [1, 0]}}}
+    with pytest.raises(ValueError, match=r"line 1: field 'prompts' entry 'red circle': 'labels' must be 1 values"):
+        read_manifest(_write(mdir, bad))
+    with pytest.raises(ValueError, match=r"not one of the entities"):
+        check_prompts({"blue": {"box": [0, 0, 1, 1]}}, ["red"])
+    with pytest.raises(ValueError, match=r"exactly one of 'box' or 'points'"):
+        check_prompts({"red": {"box": [0, 0, 1, 1], "points": [[0, 0]]}}, ["red"])
+
+
+# ---------------------------------------------------------------- bad video input
+def test_truncated_video_names_file(tmp_path):
+    src = (REPO / "data" / "toy" / "videos" / "toy_000.mp4").read_bytes()
+    for frac in (0.3, 0.6, 0.9):
+        p = tmp_path / f"cut{int(frac * 100)}.mp4"
+        p.write_bytes(src[: int(len(src) * frac)])
+        with pytest.raises(ValueError, match=rf"cut{int(frac * 100)}\.mp4"):
+            load_video(p)
+
+
+def test_short_video_names_file(tmp_path):
+    p = write_video(tmp_path / "short.mp4", torch.zeros(5, 3, 16, 16, dtype=torch.uint8))
+    assert load_video(p, min_frames=5).shape[0] == 5
+    with pytest.raises(ValueError, match=r"short\.mp4: the video has 5 frames, fewer than the 17 needed"):
+        load_video(p, min_frames=17)
+    (tmp_path / "videos").mkdir()
+    write_video(tmp_path / "videos" / "a.mp4", torch.zeros(5, 3, 16, 16, dtype=torch.uint8))
+    ds = ClipDataset(_write(tmp_path, GOOD), n_frames=17, size=(16, 16))
+    with pytest.raises(ValueError, match=r"a\.mp4 \(manifest line 1\).*5 frames, fewer than the n_frames=17"):
+        ds[0]
+
+
+# ---------------------------------------------------------------- toy flow
+@pytest.mark.parametrize("seed", range(6))
+def test_toy_flow_same_clip_and_warps_masks(seed):
+    a = render_toy_clip(np.random.default_rng(seed), 17, 64)
+    frames, masks, caption, entities, flow = render_toy_clip_with_flow(np.random.default_rng(seed), 17, 64)
+    assert torch.equal(a[0], frames) and torch.equal(a[1], masks) and a[2:] == (caption, entities)
+    assert flow.shape == (17, 2, 64, 64) and flow.dtype == torch.float32
+    assert (flow.abs().sum(1)[~masks.any(0)] == 0).all()
+    T, H, W = 17, 64, 64
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    agree = total = 0
+    for t in range(T - 1):
+        for k in range(len(entities)):
+            m = masks[k, t].clone()
+            m[1:-1, 1:-1] &= masks[k, t][:-2, 1:-1] & masks[k, t][2:, 1:-1] & masks[k, t][1:-1, :-2] & masks[k, t][1:-1, 2:]
+            m[[0, -1]] = False; m[:, [0, -1]] = False                   # interior pixels only
+            if not m.any(): continue
+            ty = (yy[m] + flow[t, 1][m]).round().long(); tx = (xx[m] + flow[t, 0][m]).round().long()
+            inside = (ty >= 0) & (ty < H) & (tx >= 0) & (tx < W)
+            ty, tx = ty[inside], tx[inside]
+            others = masks[:, t + 1, ty, tx].clone(); others[k] = False
+            free = ~others.any(0)                                       # not occluded at t+1
+            agree += int(masks[k, t + 1, ty, tx][free].sum()); total += int(free.sum())
+    assert total > 500 and agree / total > 0.97, (agree, total)
+
+
+def test_toy_flow_last_frame_and_rigid():
+    frames, masks, _, ents, flow = render_toy_clip_with_flow(np.random.default_rng(2), 9, (32, 48))
+    for k in range(len(ents)):
+        for t in range(9):
+            v = flow[t][:, masks[k, t]]
+            if v.shape[1]: assert torch.allclose(v, v[:, :1].expand_as(v))   # one velocity per shape
+        if masks[k, -1].any() and masks[k, -2].any():
+            assert torch.equal(flow[-1][:, masks[k, -1]][:, 0], flow[-2][:, masks[k, -2]][:, 0])
+
+
+def test_shipped_toy_flow_matches_renderer():
+    recs = read_manifest(TOY)
+    for i, (rec, child) in enumerate(zip(recs, np.random.SeedSequence(0).spawn(8))):
+        assert find_flow(rec) == flow_path(REPO / "data" / "toy", rec.id).resolve()
+        *_, flow = render_toy_clip_with_flow(np.random.default_rng(child), 17, 64)
+        assert torch.equal(load_flow(find_flow(rec)), flow)
+
+
+def test_flow_files_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_flow(tmp_path / "nope.safetensors")
+    with pytest.raises(ValueError, match=r"\(T, 2, H, W\)"):
+        save_flow(tmp_path / "f.safetensors", torch.zeros(3, 3, 4, 4))
+    p = save_flow(tmp_path / "f.safetensors", torch.ones(2, 2, 4, 4))
+    with pytest.raises(FileExistsError):
+        save_flow(p, torch.zeros(2, 2, 4, 4))
+    save_masks(tmp_path / "m.safetensors", torch.zeros(1, 2, 4, 4, dtype=torch.bool), ["x"])
+    with pytest.raises(ValueError, match="no tensor 'flow'"):
+        load_flow(tmp_path / "m.safetensors")
+
+
+def test_write_toy_flow_leaves_world_untouched(tmp_path):
+    man = make_toy_world(tmp_path / "w", n_clips=2, n_frames=5, size=16, seed=5)
+    before = {p: p.read_bytes() for p in (tmp_path / "w").rglob("*") if p.is_file()}
+    write_toy_flow(tmp_path / "w", n_clips=2, n_frames=5, size=16, seed=5)
+    assert all(p.read_bytes() == b for p, b in before.items())
+    assert [find_flow(r).name for r in read_manifest(man)] == ["toy_000.safetensors", "toy_001.safetensors"]

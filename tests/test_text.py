@@ -78,3 +78,59 @@ def test_factory_errors(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(FileNotFoundError, match="text_encoder"):
         UMT5PromptEncoder(tmp_path / "half")
+
+
+# ---------------------------------------------------------------- generic embedders
+from sara.text import TextEmbedder, build_embedder, make_tiny_embedder_dir
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return make_tiny_embedder_dir(tmp_path_factory.mktemp("emb") / "bert")
+
+
+def test_text_embedder_mean_pooling(bert_dir):
+    emb = build_embedder(str(bert_dir))
+    assert isinstance(emb, TextEmbedder) and emb.dim == 32 and emb.pooling == "mean"
+    e = emb.embed(["a red fox", "a fallen log in the snow", "a red fox"])
+    assert e.shape == (3, 32)
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(e[0], e[2])
+    assert not torch.allclose(e[0], e[1])
+    # the mean over real tokens of the last hidden state, by hand
+    tok = emb.tokenizer(["a red fox"], return_tensors="pt")
+    with torch.no_grad():
+        h = emb.model(**tok).last_hidden_state[0].mean(0)
+    torch.testing.assert_close(e[0], torch.nn.functional.normalize(h, dim=-1))
+    assert not any(p.requires_grad for p in emb.parameters())
+
+
+@pytest.mark.parametrize("pooling", ["cls", "last"])
+def test_text_embedder_other_poolings_ignore_padding(bert_dir, pooling):
+    emb = TextEmbedder(bert_dir, pooling=pooling)
+    alone = emb.embed(["a red fox"])
+    padded = emb.embed(["a red fox", "a very much longer sentence about nothing at all"])
+    torch.testing.assert_close(alone[0], padded[0], atol=1e-5, rtol=1e-5)
+    tok = emb.tokenizer(["a red fox"], return_tensors="pt")
+    with torch.no_grad():
+        h = emb.model(**tok).last_hidden_state[0]
+    want = h[0] if pooling == "cls" else h[-1]
+    torch.testing.assert_close(alone[0], torch.nn.functional.normalize(want, dim=-1))
+
+
+def test_sentence_transformers_layout(tmp_path):
+    emb = build_embedder(str(make_tiny_embedder_dir(tmp_path / "st", sentence_transformers=True)))
+    assert emb.pooling == "cls" and emb.embed(["x"]).shape == (1, 32)
+    assert TextEmbedder(tmp_path / "st", pooling="mean").pooling == "mean"  # explicit choice wins
+
+
+def test_embedder_errors(tmp_path, bert_dir):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        build_embedder(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        TextEmbedder(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        TextEmbedder(bert_dir, pooling="max")
+    with pytest.raises(ValueError, match="non-empty"):
+        TextEmbedder(bert_dir).embed([])
+    assert build_embedder("minilm").dim == 384
