@@ -72,16 +72,34 @@ def write_checkpoint(
     save_fn: Callable[[Path], None],  # writes the checkpoint's files into the folder it is given
     keep_last: int = 3,         # finished checkpoints to keep (0 keeps all); pruning happens after success
     meta: dict | None = None,   # extra JSON-able fields for the manifest (config, version, ...)
+    is_main: bool = True,       # several processes: only the main one creates, checksums and renames
+    barrier: Callable[[], None] = lambda: None,  # several processes: waits for all of them (`accelerator.wait_for_everyone`)
 ) -> Path:                      # the finished folder
     "Write a checkpoint atomically: into a temporary folder, manifest with checksums, verify, rename, then prune."
-    root = Path(root); root.mkdir(parents=True, exist_ok=True)
+    root = Path(root)
     final = root / f"step_{step:06d}"
-    if final.exists(): raise FileExistsError(f"{final} already exists; refusing to overwrite a finished checkpoint")
-    tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
-    if tmp.exists(): shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = root / f".tmp-step_{step:06d}"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if final.exists(): raise FileExistsError(f"{final} already exists; refusing to overwrite a finished checkpoint")
+        if tmp.exists(): shutil.rmtree(tmp)   # left by a writer that was killed
+        tmp.mkdir()
+    def fail(e: BaseException):
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = list_checkpoints(root)
+        keep = f"the previous checkpoint {prev[-1][1].name} is intact" if prev else "no earlier checkpoint exists"
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"saving checkpoint step {step} into {root} failed ({e.strerror or e}); {keep}") from e
+        raise e
+    barrier()
+    try: save_fn(tmp)                         # every process writes its part (sharded states)
+    except BaseException as e:
+        if is_main: fail(e)
+        raise
+    barrier()
+    if not is_main:
+        barrier(); return final
     try:
-        save_fn(tmp)
         files = {str(p.relative_to(tmp)): dict(size=p.stat().st_size, sha256=sha256_file(p))
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         man = dict(step=step, created=time.strftime("%Y-%m-%dT%H:%M:%S"), files=files, **(meta or {}))
@@ -91,15 +109,10 @@ def write_checkpoint(
         _fsync_dir(tmp)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        prev = list_checkpoints(root)
-        keep = f"the previous checkpoint {prev[-1][1].name} is intact" if prev else "no earlier checkpoint exists"
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"saving checkpoint step {step} into {root} failed ({e.strerror or e}); {keep}") from e
-        raise
+    except BaseException as e: fail(e)
     if keep_last > 0:
         for _, old in list_checkpoints(root)[:-keep_last]: shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 # %% ../nbs/checkpoint.ipynb #0d7e33d6

@@ -24,10 +24,11 @@ from .routing import budget_shares
 
 # %% auto #0
 __all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'resolve_device', 'batch_order', 'lr_factor', 'lam_at', 'cache_params',
-           'check_cache_settings', 'load_targets', 'collate_targets', 'Models', 'add_lora', 'build_models',
-           'trainable_parameters', 'step_losses', 'MetricsLog', 'read_metrics', 'truncate_metrics', 'dit_weights',
-           'export_weights', 'load_checkpoint', 'check_run_dir', 'TrainState', 'resume_folder', 'make_accelerator',
-           'train', 'run_validation', 'plot_losses', 'cli_args', 'train_cli', 'launch']
+           'check_cache_settings', 'cache_folder', 'load_targets', 'collate_targets', 'Models', 'add_lora',
+           'build_models', 'trainable_parameters', 'step_losses', 'MetricsLog', 'read_metrics', 'truncate_metrics',
+           'full_state_dict', 'dit_weights', 'export_weights', 'load_checkpoint', 'check_run_dir', 'TrainState',
+           'resume_folder', 'make_accelerator', 'train', 'run_validation', 'plot_losses', 'cli_args', 'train_cli',
+           'launch']
 
 # %% ../nbs/train.ipynb #9a5da4e7
 def resolve_device(
@@ -94,13 +95,25 @@ def check_cache_settings(
             raise ConfigError(k, getattr(cfg, k), f"{settings[k]!r}, the value the cache {where} was made with")
 
 # %% ../nbs/train.ipynb #0c89c88e
+def cache_folder(
+    cfg: RunConfig,          # the run
+    progress: bool = True,   # progress bar while building/resuming the cache
+    build: bool = True,      # build or resume the cache (False: only name its folder, e.g. on non-main processes)
+) -> Path:                   # the cache folder the run reads
+    "The run's cache: `cfg.cache` if set, else the one `sara.precompute` builds (or resumes) for the run's data settings."
+    from sara.precompute import precompute, cache_path, make_precompute_config
+    if cfg.cache: return Path(cfg.cache)
+    params = cache_params(cfg)
+    return precompute(dict(params, progress=progress)) if build else cache_path(make_precompute_config(params))
+
 def load_targets(
     cfg: RunConfig,          # the run
     progress: bool = True,   # progress bar while building/resuming the cache
+    path: Path | None = None,  # the cache folder (default: `cache_folder(cfg)`, building it if needed)
 ) -> tuple[list[dict], Path]:  # per clip: id, latents, prompt, y (T', H', W', D), w (N,) or None; and the cache folder
-    "Open (building or resuming if needed) the run's cache and pick each clip's target and saliency."
-    from sara.precompute import precompute, open_cache
-    path = Path(cfg.cache) if cfg.cache else precompute(dict(cache_params(cfg), progress=progress))
+    "Open the run's cache and pick each clip's target and saliency, refusing missing layers and non-finite values."
+    from sara.precompute import open_cache
+    path = path or cache_folder(cfg, progress)
     cache = open_cache(path)
     check_cache_settings(cache.settings, cfg, str(path))
     if len(cache) == 0: raise ValueError(f"{path}: the cache holds no finished clips (failed: {list(cache.failed)})")
@@ -263,9 +276,13 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None):
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
-def dit_weights(models: Models, lora: bool) -> dict:  # name -> tensor
+def full_state_dict(module: torch.nn.Module, acc=None) -> dict:  # name -> tensor (full, on every process that gets one)
+    "A module's full state dict; with several processes (FSDP) gathered through `acc.get_state_dict` (a collective)."
+    return acc.get_state_dict(module) if acc is not None and acc.num_processes > 1 else module.state_dict()
+
+def dit_weights(models: Models, lora: bool, acc=None) -> dict:  # name -> tensor
     "The DiT tensors a weights-only export holds: the LoRA adapter alone, or the whole state dict."
-    sd = models.dit.state_dict()
+    sd = full_state_dict(models.dit_call or models.dit, acc)
     return {k: v for k, v in sd.items() if "lora_" in k} if lora else sd
 
 def export_weights(
@@ -274,20 +291,26 @@ def export_weights(
     cfg: RunConfig,             # saved beside the weights
     step: int,                  # optimisation steps done
     ema=None,                   # `diffusers.training_utils.EMAModel` of the trainable parameters, exported too when given
+    acc=None,                   # the run's accelerator (several processes: gather on all, write on the main one)
 ) -> Path:                      # the `checkpoint/` folder
     "Weights-only safetensors (`transformer` or its LoRA adapter, `projector`, optional EMA) and `config.json`, atomically."
-    ck = Path(run_dir) / "checkpoint"; ck.mkdir(parents=True, exist_ok=True)
+    ck = Path(run_dir) / "checkpoint"
+    main = acc is None or acc.is_main_process
     meta = dict(step=str(step), method=cfg.method, lora_rank=str(cfg.lora_rank), expert=cfg.expert)
-    _atomic_save(dit_weights(models, cfg.lora_rank > 0), ck / "transformer.safetensors", meta)
-    _atomic_save(models.projector.state_dict(), ck / "projector.safetensors", meta)
+    def write(suffix: str):
+        dit_sd = dit_weights(models, cfg.lora_rank > 0, acc)
+        proj_sd = full_state_dict(models.projector_call or models.projector, acc)
+        if main:
+            ck.mkdir(parents=True, exist_ok=True)
+            _atomic_save(dit_sd, ck / f"transformer{suffix}.safetensors", meta)
+            _atomic_save(proj_sd, ck / f"projector{suffix}.safetensors", meta)
+    write("")
     if ema is not None:
         params = trainable_parameters(models)
         ema.store(params); ema.copy_to(params)
-        try:
-            _atomic_save(dit_weights(models, cfg.lora_rank > 0), ck / "transformer_ema.safetensors", meta)
-            _atomic_save(models.projector.state_dict(), ck / "projector_ema.safetensors", meta)
+        try: write("_ema")
         finally: ema.restore(params)
-    save_config(cfg, Path(run_dir) / "config.json")
+    if main: save_config(cfg, Path(run_dir) / "config.json")
     return ck
 
 def load_checkpoint(
@@ -316,6 +339,7 @@ def check_run_dir(
     run_dir: str | Path,  # the run folder about to be written
     overwrite: bool,      # whether the run may replace an earlier run's files
     resume: str,          # the run's `resume` setting ("" = a fresh run)
+    move: bool = True,    # move an earlier run aside when `overwrite` (several processes: only the main one moves)
 ):
     "Refuse to start a fresh run in a folder that holds an earlier run's results, unless `overwrite` (then they are moved aside)."
     rd = Path(run_dir)
@@ -324,6 +348,7 @@ def check_run_dir(
     if not overwrite:
         raise FileExistsError(f"{rd} already holds {', '.join(found)} from an earlier run; resume it with resume='latest', "
                               "choose another run_name, or set overwrite=True")
+    if not move: return
     old = rd / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"   # nothing already computed is deleted
     old.mkdir()
     for name in found: os.replace(rd / name, old / name)
@@ -380,20 +405,22 @@ def train(
     "Run Stage 2 from the cache: `cfg.steps` optimisation steps with checkpoints, metrics, exports and validation."
     from diffusers.training_utils import EMAModel
     cfg.validate()
-    check_run_dir(cfg.run_dir, cfg.overwrite, cfg.resume)
     acc = make_accelerator(cfg)
-    device = acc.device
-    targets, cache = load_targets(cfg, progress)
+    main, device = acc.is_main_process, acc.device
+    check_run_dir(cfg.run_dir, cfg.overwrite, cfg.resume, move=main)
+    folder = cache_folder(cfg, progress and main, build=main)   # the main process builds or resumes the cache ...
+    acc.wait_for_everyone()                                     # ... the others wait for it, then every process reads it
+    targets, cache = load_targets(cfg, progress, folder)
     models = build_models(cfg, device, target_dim=targets[0]["y"].shape[-1])
     order = batch_order(len(targets), cfg.steps, cfg.batch_size, cfg.seed)
     if cfg.targets_in_loop:
         from sara.data import ClipDataset
         clips = ClipDataset(cfg.manifest, n_frames=cfg.n_frames, size=(cfg.height, cfg.width))
         clip_pos = {r.id: k for k, r in enumerate(clips.records)}
-    params = trainable_parameters(models)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(trainable_parameters(models), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps))
     models.dit_call, models.projector_call, opt, sched = acc.prepare(models.dit, models.projector, opt, sched)
+    params = trainable_parameters(models)   # after prepare: FSDP2 replaces parameters by sharded ones
     state = TrainState(cfg.seed)
     ema = EMAModel(params, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     acc.register_for_checkpointing(state)
@@ -402,14 +429,15 @@ def train(
     if ck is not None:
         acc.load_state(str(ck))
         print(f"resumed from {ck} at step {state.step}")
-    truncate_metrics(Path(cfg.run_dir) / "metrics.jsonl", state.step)
-    save_config(cfg, Path(cfg.run_dir) / "config.json")
+    if main:
+        truncate_metrics(Path(cfg.run_dir) / "metrics.jsonl", state.step)
+        save_config(cfg, Path(cfg.run_dir) / "config.json")
     if cfg.tensorboard: acc.init_trackers("tensorboard", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
-    log, rows = MetricsLog(Path(cfg.run_dir) / "metrics.jsonl"), []
+    log, rows = MetricsLog(Path(cfg.run_dir) / "metrics.jsonl") if main else None, []
     n_tok = None
     save = lambda d: acc.save_state(str(d))
     meta = dict(config=cfg.to_dict())
-    bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, desc=cfg.method, disable=not progress)
+    bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, desc=cfg.method, disable=not (progress and main))
     try:
         for i in bar:
             step, idx = i + 1, order[i]
@@ -444,18 +472,19 @@ def train(
                        grad_norm=gnorm.item() if finite else float("nan"), lr=sched.get_last_lr()[0], skipped=not finite,
                        step_time=dt, tokens_per_s=n_tok / dt, gpu_mem_gib=_gpu_mem_gib(), clips=idx)
             rows.append(row)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if main and (step % cfg.log_every == 0 or step == cfg.steps):
                 log.write(**row)
                 if cfg.tensorboard: acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
             bar.set_postfix(fm=f"{row['fm']:.4f}", trd=f"{row['trd']:.4f}")
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                write_checkpoint(Path(cfg.run_dir) / "checkpoints", step, save, cfg.keep_last, meta)
+                write_checkpoint(Path(cfg.run_dir) / "checkpoints", step, save, cfg.keep_last, meta,
+                                 is_main=main, barrier=acc.wait_for_everyone)
             if cfg.validate_every and step % cfg.validate_every == 0: run_validation(models, cfg, step)
             if stop_after is not None and len(rows) >= stop_after: break
     finally:
-        log.close()
+        if log is not None: log.close()
         if cfg.tensorboard: acc.end_training()
-    if state.step == cfg.steps: export_weights(cfg.run_dir, models, cfg, state.step, ema)
+    if state.step == cfg.steps: export_weights(cfg.run_dir, models, cfg, state.step, ema, acc)
     return dict(run_dir=cfg.run_dir, metrics=rows, models=models, targets=targets, cache=cache)
 
 # %% ../nbs/train.ipynb #5fea175e
