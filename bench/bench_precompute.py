@@ -134,7 +134,7 @@ def bench_vfm(args):
     torch.manual_seed(0)
     with torch.device(device):
         model = VJEPA2Model(cfg)
-    vfm = FrozenVFM(model.to(dtype))
+    vfm = FrozenVFM(model.to(dtype)).to(device)  # the normalisation buffers too
     t_build = time.perf_counter() - t0
     n_params = sum(p.numel() for p in vfm.model.encoder.parameters())
     grid = vfm.geometry.grid(args.frames, args.size, args.size)

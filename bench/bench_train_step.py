@@ -94,7 +94,7 @@ def main():
         torch.manual_seed(0)
         proj = Projector(cfg["num_attention_heads"] * cfg["attention_head_dim"], out_dim).to(dev, dt).train()
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0)
-        models = Models(wan=WanParts(transformer=dit, vae=None, scheduler=sched), vfm=vfm, text=None, projector=proj)
+        models = Models(wan=WanParts(transformer=dit, vae=None, scheduler=sched), vfm=vfm, text=None, projector=proj, block=args.block)
         params = [*dit.parameters(), *proj.parameters()]
         opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
         noise_gen = torch.Generator().manual_seed(1)

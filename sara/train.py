@@ -24,9 +24,9 @@ from .routing import budget_shares
 
 # %% auto #0
 __all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'resolve_device', 'batch_order', 'lr_factor', 'lam_at', 'cache_params',
-           'check_cache_settings', 'cache_folder', 'load_targets', 'collate_targets', 'Models', 'add_lora',
+           'check_cache_settings', 'cache_folder', 'load_targets', 'collate_targets', 'Trainee', 'Models', 'add_lora',
            'build_models', 'trainable_parameters', 'step_losses', 'MetricsLog', 'read_metrics', 'truncate_metrics',
-           'full_state_dict', 'dit_weights', 'export_weights', 'load_checkpoint', 'check_run_dir', 'TrainState',
+           'full_state_dict', 'trained_weights', 'export_weights', 'load_checkpoint', 'check_run_dir', 'TrainState',
            'resume_folder', 'make_accelerator', 'train', 'run_validation', 'plot_losses', 'cli_args', 'train_cli',
            'launch']
 
@@ -147,21 +147,49 @@ def collate_targets(
                 grid=tuple(items[0]["y"].shape[:3]))
 
 # %% ../nbs/train.ipynb #2edbf0bd
+class Trainee(torch.nn.Module):
+    "The trained modules as one (what accelerate prepares: DDP and FSDP2 take one model): the DiT with a feature tap, and the projector."
+    def __init__(self,
+                 dit: torch.nn.Module,        # the DiT being trained (`WanTransformer3DModel`)
+                 projector: torch.nn.Module,  # DiT width -> target width
+                 block: int,                  # the tapped block
+                ):
+        super().__init__()
+        self.dit, self.projector, self.block = dit, projector, block
+
+    def forward(self,
+                x_t: torch.Tensor,            # B, z, t, h, w noisy latents
+                timesteps: torch.Tensor,      # B timesteps
+                prompt: torch.Tensor,         # B, L, Dt prompt embeddings
+                project: bool = True,         # also project the tapped hidden states (False for sft)
+               ) -> tuple:                    # pred (B, z, t, h, w), projected features (B, N_dit, D) or None
+        "One DiT forward; the block's hidden states are captured and projected in the same call."
+        with FeatureTap(self.dit, self.block) as tap:
+            pred = dit_forward(self.dit, x_t, timesteps, prompt)
+            h = tap.features                                                   # B, N_dit, C
+        feats = self.projector(h.to(self.projector.net[0].weight.dtype)) if project else None
+        return pred, feats
+
 @dataclass
 class Models:
     "What a run trains (one DiT, the projector) and what it only reads."
     wan: object                 # `sara.wan.WanParts`; `dit` is the transformer being trained
-    projector: torch.nn.Module  # DiT width -> target width, always trained
+    projector: torch.nn.Module  # DiT width -> target width, always trained (frozen and unused for sft)
     vfm: torch.nn.Module = None # frozen VFM, only with `targets_in_loop`
     text: object = None         # unused by the loop (prompts come from the cache); kept for sampling
     expert: str = ""            # "", "high" or "low" (A14B)
-    dit_call: object = None     # what the forward calls: the DiT as wrapped by accelerate (DDP/FSDP), default `dit`
-    projector_call: object = None  # likewise for the projector
+    block: int = 1              # the tapped DiT block
+    trainee_call: object = None # the `Trainee` as wrapped by accelerate (DDP); default: a plain `Trainee`
 
     @property
     def dit(self):
         "The transformer this run trains (A14B: `transformer` is the high-noise expert, `transformer_2` the low-noise one)."
         return self.wan.transformer_2 if self.expert == "low" else self.wan.transformer
+
+    def trainee(self) -> Trainee:
+        "The module the forward calls (accelerate's wrapper once prepared)."
+        if self.trainee_call is None: self.trainee_call = Trainee(self.dit, self.projector, self.block)
+        return self.trainee_call
 
 def add_lora(
     dit: torch.nn.Module,   # the DiT
@@ -184,7 +212,7 @@ def build_models(
     wan = build_wan(cfg.wan_model, seed=cfg.seed, shift=cfg.flow_shift, dtype=dtype)
     if cfg.expert and wan.transformer_2 is None:
         raise ConfigError("expert", cfg.expert, "'' for a model without transformer_2/ (TI2V-5B, tiny): only A14B has experts")
-    models = Models(wan=wan, projector=None, expert=cfg.expert)
+    models = Models(wan=wan, projector=None, expert=cfg.expert, block=cfg.block)
     other = wan.transformer if cfg.expert == "low" else wan.transformer_2
     if other is not None: other.requires_grad_(False)   # the expert not trained in this run stays frozen
     dit = models.dit
@@ -195,6 +223,7 @@ def build_models(
         torch.manual_seed(cfg.seed)
         models.projector = Projector(dit.config.num_attention_heads * dit.config.attention_head_dim, target_dim)
     dit.to(device).train(); models.projector.to(device=device, dtype=dtype).train()
+    if cfg.method == "sft": models.projector.requires_grad_(False)   # unused: no gradient, nothing for DDP to wait on
     if cfg.grad_checkpointing: dit.enable_gradient_checkpointing()
     if cfg.targets_in_loop:
         from sara.vfm import build_vfm
@@ -221,16 +250,12 @@ def step_losses(
     window = expert_window(models.wan.boundary_ratio, cfg.expert)
     sigmas, timesteps = sample_sigmas(models.wan.scheduler, x0.shape[0], noise_gen, device=x0.device, window=window)
     x_t, target = flow_matching_pair(x0, noise, sigmas.to(x0))
-    with FeatureTap(dit, cfg.block) as tap:
-        pred = dit_forward(dit, x_t, timesteps.to(x0.device), batch["prompt"], call=models.dit_call)
-        h = tap.features                                                      # B, N_dit, C
-    fm = flow_matching_loss(pred, target, loss_weights(models.wan.scheduler, timesteps, cfg.loss_weighting))
     op = cfg.routing_op
+    pred, feats = models.trainee()(x_t, timesteps.to(x0.device), batch["prompt"], project=op is not None)
+    fm = flow_matching_loss(pred, target, loss_weights(models.wan.scheduler, timesteps, cfg.loss_weighting))
     if op is None: trd = fm.new_zeros(())
     else:
-        proj = models.projector_call or models.projector
-        p = resample_tokens(proj(h.to(models.projector.net[0].weight.dtype)),
-                            dit_grid(dit, x0.shape), batch["grid"])           # B, N, D
+        p = resample_tokens(feats, dit_grid(dit, x0.shape), batch["grid"])   # B, N, D
         trd = trd_loss(p, batch["y"], w=batch["w"] if op != "uniform" else None, op=op, margin=cfg.margin, impl=cfg.trd_impl)
     return dict(fm=fm, trd=trd, total=fm + lam * trd)
 
@@ -280,10 +305,12 @@ def full_state_dict(module: torch.nn.Module, acc=None) -> dict:  # name -> tenso
     "A module's full state dict; with several processes (FSDP) gathered through `acc.get_state_dict` (a collective)."
     return acc.get_state_dict(module) if acc is not None and acc.num_processes > 1 else module.state_dict()
 
-def dit_weights(models: Models, lora: bool, acc=None) -> dict:  # name -> tensor
-    "The DiT tensors a weights-only export holds: the LoRA adapter alone, or the whole state dict."
-    sd = full_state_dict(models.dit_call or models.dit, acc)
-    return {k: v for k, v in sd.items() if "lora_" in k} if lora else sd
+def trained_weights(models: Models, lora: bool, acc=None) -> tuple[dict, dict]:  # (DiT tensors, projector tensors)
+    "What a weights-only export holds: the DiT (or its LoRA adapter alone) and the projector, as full tensors."
+    sd = full_state_dict(models.trainee(), acc)
+    part = lambda pre: {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+    dit, proj = part("dit."), part("projector.")
+    return ({k: v for k, v in dit.items() if "lora_" in k} if lora else dit), proj
 
 def export_weights(
     run_dir: str | Path,        # the run folder
@@ -298,8 +325,7 @@ def export_weights(
     main = acc is None or acc.is_main_process
     meta = dict(step=str(step), method=cfg.method, lora_rank=str(cfg.lora_rank), expert=cfg.expert)
     def write(suffix: str):
-        dit_sd = dit_weights(models, cfg.lora_rank > 0, acc)
-        proj_sd = full_state_dict(models.projector_call or models.projector, acc)
+        dit_sd, proj_sd = trained_weights(models, cfg.lora_rank > 0, acc)
         if main:
             ck.mkdir(parents=True, exist_ok=True)
             _atomic_save(dit_sd, ck / f"transformer{suffix}.safetensors", meta)
@@ -419,7 +445,7 @@ def train(
         clip_pos = {r.id: k for k, r in enumerate(clips.records)}
     opt = torch.optim.AdamW(trainable_parameters(models), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps))
-    models.dit_call, models.projector_call, opt, sched = acc.prepare(models.dit, models.projector, opt, sched)
+    models.trainee_call, opt, sched = acc.prepare(models.trainee(), opt, sched)
     params = trainable_parameters(models)   # after prepare: FSDP2 replaces parameters by sharded ones
     state = TrainState(cfg.seed)
     ema = EMAModel(params, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None

@@ -197,7 +197,6 @@ def dit_forward(transformer: WanTransformer3DModel,  # the DiT
                 x_t: torch.Tensor,            # B, C, T, H, W noisy latents
                 timesteps: torch.Tensor,      # B (or B, N for TI2V per-token timesteps) in [0, num_train_timesteps]
                 prompt_embeds: torch.Tensor,  # B, L, text_dim prompt embeddings
-                call=None,                    # module to call instead (e.g. the DiT wrapped by DDP/FSDP); default `transformer`
                ) -> torch.Tensor:             # B, C, T, H, W flow prediction (transformer dtype)
     "One DiT call: `transformer(hidden_states, timestep, encoder_hidden_states, return_dict=False)[0]`."
     if x_t.ndim != 5:
@@ -207,7 +206,7 @@ def dit_forward(transformer: WanTransformer3DModel,  # the DiT
     if timesteps.ndim not in (1, 2) or timesteps.shape[0] != x_t.shape[0]:
         raise ValueError(f"timesteps must be (B={x_t.shape[0]},) or (B, N), got shape {tuple(timesteps.shape)}")
     dtype = transformer.dtype
-    return (call or transformer)(hidden_states=x_t.to(dtype), timestep=timesteps,
+    return transformer(hidden_states=x_t.to(dtype), timestep=timesteps,
                        encoder_hidden_states=prompt_embeds.to(dtype), return_dict=False)[0]
 
 # %% ../nbs/wan.ipynb #7cbad8b2
