@@ -10,7 +10,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 RUN     ?= demo
 SNAP    := find nbs sara README.md -type f -not -path '*/__pycache__/*' -not -path '*/.ipynb_checkpoints/*' | LC_ALL=C sort | xargs sha256sum
 
-.PHONY: setup demo test export readme check-clean lint-dup clean-venv
+.PHONY: setup demo test export readme check-clean browser-deps clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,9 +45,15 @@ check-clean: $(STAMP)
 	@rm -f .stamp-before .stamp-after
 	@echo "export and clean leave the tree unchanged"
 
-test: check-clean
+# The browser test of the explorers needs Debian's Chromium and node/npm (playwright-core comes from npm).
+browser-deps:
+	@test -x /usr/bin/chromium || { if [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; \
+	  else echo "no /usr/bin/chromium and not root: install Debian's chromium for the browser test"; fi; }
+
+test: check-clean browser-deps
 	HF_HUB_OFFLINE=1 $(BIN)/nbdev-test
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+	HF_HUB_OFFLINE=1 SARA_REQUIRE_BROWSER=1 $(BIN)/pytest -q
 
 clean-venv:
 	rm -rf $(VENV)
