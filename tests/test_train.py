@@ -157,3 +157,44 @@ def test_manifest_error_names_line(cfg_for, tmp_path):
     (data / "manifest.jsonl").write_text(json.dumps(dict(video="missing.mp4", caption="a red circle", entities=["red circle"])) + "\n")
     with pytest.raises(FileNotFoundError, match="line 1"):
         train(cfg_for(data_root=str(data)), progress=False)
+
+
+def _tiny_a14b_dir(root: Path) -> Path:
+    "A diffusers-layout Wan2.2 A14B stand-in: two tiny experts (different weights), the VAE, a scheduler, the boundary."
+    import json as _json
+    from diffusers import UniPCMultistepScheduler
+    from sara.wan import build_wan
+    hi, lo = build_wan("tiny", seed=0), build_wan("tiny", seed=1)
+    hi.transformer.save_pretrained(root / "transformer")
+    lo.transformer.save_pretrained(root / "transformer_2")
+    hi.vae.save_pretrained(root / "vae")
+    UniPCMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction").save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(_json.dumps({"boundary_ratio": 0.875}))
+    return root
+
+
+def test_a14b_expert_trains_one_expert_in_its_window(cfg_for, tmp_path, monkeypatch):
+    "expert=low trains transformer_2 only, on timesteps below the boundary; expert=high the other one above it."
+    wan_dir = str(_tiny_a14b_dir(tmp_path / "Wan2.2-A14B-tiny"))
+    import sara.train as T
+    seen = []
+    orig = T.sample_sigmas
+    monkeypatch.setattr(T, "sample_sigmas", lambda *a, **k: (lambda r: (seen.append(r[1].clone()), r)[1])(orig(*a, **k)))
+    for expert, ok in (("low", lambda t: t < 875), ("high", lambda t: t >= 875)):
+        seen.clear()
+        cfg = cfg_for(run_name=f"a14b-{expert}", wan_model=wan_dir, expert=expert, steps=2)
+        out = train(cfg, progress=False)
+        m = out["models"]
+        trained, other = (m.wan.transformer_2, m.wan.transformer) if expert == "low" else (m.wan.transformer, m.wan.transformer_2)
+        assert m.dit is trained and not any(p.requires_grad for p in other.parameters())
+        assert all(ok(t).all() for t in seen) and len(seen) == 2
+        fresh = build_models(cfg, resolve_device("cpu"), target_dim=out["targets"][0]["y"].shape[-1])
+        assert load_checkpoint(cfg.run_dir, fresh) == 2
+        assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), fresh.dit.state_dict().values()))
+
+
+def test_tensorboard_logs(cfg_for):
+    cfg = cfg_for(steps=2, tensorboard=True)
+    train(cfg, progress=False)
+    events = list((Path(cfg.run_dir) / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
