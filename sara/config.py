@@ -15,7 +15,7 @@ from .trd import TRD_IMPLS
 # %% auto #0
 __all__ = ['SITE_DEFAULTS', 'SITE_PATH_KEYS', 'METHODS', 'SALIENCY_SOURCES', 'DEVICES', 'LAM_SCHEDULES', 'EXPERTS',
            'LOSS_WEIGHTINGS', 'MIXED_PRECISION', 'WEIGHTS_DTYPES', 'find_settings', 'site_settings', 'ConfigError',
-           'RunConfig', 'make_config', 'save_config', 'load_config']
+           'dataclass_args', 'RunConfig', 'make_config', 'save_config', 'load_config']
 
 # %% ../nbs/config.ipynb #0126f342
 SITE_DEFAULTS = dict(data_root="data/toy", manifest="manifest.jsonl", cache_dir="cache", runs_dir="runs",
@@ -69,10 +69,24 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 WEIGHTS_DTYPES = ("float32", "bfloat16")
 
 class ConfigError(ValueError):
-    "A run-configuration field holds a value that is not allowed."
+    "A configuration field holds a value that is not allowed (subclasses name their dataclass in `owner`)."
+    owner = "RunConfig"
     def __init__(self, field: str, value, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
-        super().__init__(f"RunConfig.{field} = {value!r} is not allowed; expected {allowed}")
+        super().__init__(f"{self.owner}.{field} = {value!r} is not allowed; expected {allowed}")
+
+def dataclass_args(
+    cls,                        # a config dataclass whose fields are str, int, float or bool
+    argv: list[str] | None,     # command-line arguments (None: `sys.argv[1:]`)
+    prog: str,                  # program name for `--help`
+    description: str,           # what the program does
+) -> dict:                      # the fields given on the command line
+    "Parse `--field value` flags for every field of a config dataclass (booleans: true/false, 1/0, yes/no)."
+    import argparse
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    conv = {"int": int, "float": float, "str": str, "bool": lambda s: s.lower() in ("1", "true", "yes")}
+    for f in fields(cls): ap.add_argument(f"--{f.name}", type=conv[f.type], default=None, metavar=f.type.upper())
+    return {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
 
 # %% ../nbs/config.ipynb #c91b0b7c
 @dataclass

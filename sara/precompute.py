@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .config import site_settings
+from .config import ConfigError, dataclass_args, site_settings
 from .data import ClipDataset, atomic_path, frame_indices, load_video, resize_video
 from .masks import MASK_PROVIDERS, MERGE_RULES, flow_to_grid, merge_entities, reduce_to_grid
 
@@ -44,11 +44,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PRECOMPUTE_DEVICES = ("auto", "cpu", "cuda")
 BASE_FIELDS = ("latents", "prompt", "prompt_mask", "y", "masks_grid", "w", "entity_emb", "caption_emb", "flow_grid")
 
-class PrecomputeConfigError(ValueError):
+class PrecomputeConfigError(ConfigError):
     "A precompute-configuration field holds a value that is not allowed."
-    def __init__(self, field: str, value, allowed: str):
-        self.field, self.value, self.allowed = field, value, allowed
-        super().__init__(f"PrecomputeConfig.{field} = {value!r} is not allowed; expected {allowed}")
+    owner = "PrecomputeConfig"
 
 # %% ../nbs/precompute.ipynb #c02a04ee
 @dataclass
@@ -711,12 +709,7 @@ def precompute_cli(
     argv: list[str] | None = None,  # command-line arguments (default: `sys.argv[1:]`)
 ) -> Path:                          # the cache folder
     "Console entry point `sara-precompute`: every `PrecomputeConfig` field is a `--flag`."
-    import argparse
-    ap = argparse.ArgumentParser(prog="sara-precompute", description="Build or resume the precompute cache of the SARA workbench")
-    for f in fields(PrecomputeConfig):
-        if f.type == "bool": ap.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None, metavar="BOOL")
-        else: ap.add_argument(f"--{f.name}", type={"int": int, "str": str}[f.type], default=None)
-    args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    args = dataclass_args(PrecomputeConfig, argv, "sara-precompute", "Build or resume the precompute cache of the SARA workbench")
     folder = precompute(make_precompute_config(args))
     print(json.dumps(dict(cache=str(folder), **read_index(folder)["last_run"])))
     return folder

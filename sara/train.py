@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 
-from .config import RunConfig, make_config, save_config, ConfigError
+from .config import RunConfig, make_config, save_config, ConfigError, dataclass_args
 from .checkpoint import write_checkpoint, latest_checkpoint, verify_checkpoint
 from .wan import (build_wan, dit_grid, FeatureTap, Projector, resample_tokens, sample_sigmas, expert_window,
                       loss_weights, flow_matching_pair, flow_matching_loss, dit_forward)
@@ -554,13 +554,7 @@ def cli_args(cfg: RunConfig) -> list[str]:  # `--field value` for every field of
 
 def train_cli(argv: list[str] | None = None):  # command-line arguments (default: `sys.argv[1:]`)
     "Console entry point `sara-train` (and `python -m sara.train`): every `RunConfig` field is a `--flag`."
-    import argparse
-    ap = argparse.ArgumentParser(prog="sara-train", description="Stage 2 training of the SARA workbench")
-    for f in fields(RunConfig):
-        if f.type == "bool": ap.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
-        else: ap.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type], default=None)
-    args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
-    out = train(make_config(args))
+    out = train(make_config(dataclass_args(RunConfig, argv, "sara-train", "Stage 2 training of the SARA workbench")))
     if out["metrics"]: print(json.dumps(dict(run_dir=out["run_dir"], last=out["metrics"][-1])))
 
 def launch(
