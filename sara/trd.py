@@ -32,8 +32,11 @@ def check_trd_inputs(
     w: torch.Tensor | None,  # B, N saliency in [0, 1]; required unless op is "uniform"
     op: str,                 # routing operator, one of `sara.routing.ROUTING_OPS`
     margin: float,           # hinge margin, finite and >= 0
+    check_finite: bool = False,  # also refuse NaN/Inf in p and y (one device sync; the public losses turn it on)
 ) -> torch.Tensor | None:    # B, N detached saliency on p's device (None for "uniform")
-    "Validate TRD arguments; raise TypeError/ValueError naming the field and shape at fault."
+    """Validate TRD arguments; raise TypeError/ValueError naming the field and shape at fault.
+    An empty batch (B = 0) or sequence (N = 0) and zero-width features (D = 0) are errors: the loss is
+    a mean over pairs and there are none."""
     check_op(op)
     check_float_tensor(p, "p", "B, N, D"); check_float_tensor(y, "y", "B, N, D")
     if p.shape[:2] != y.shape[:2]:
@@ -41,9 +44,17 @@ def check_trd_inputs(
     if p.device != y.device:
         raise ValueError(f"p and y must be on one device: p on {p.device}, y on {y.device}")
     B, N = p.shape[:2]
+    if B < 1: raise ValueError(f"TRD needs a non-empty batch (B >= 1); p has shape {tuple(p.shape)}")
     if N < 1: raise ValueError(f"TRD needs N >= 1 tokens; p has shape {tuple(p.shape)}")
+    for t, name in ((p, "p"), (y, "y")):
+        if t.shape[2] < 1: raise ValueError(f"{name} needs D >= 1 features; got shape {tuple(t.shape)}")
     if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not (0 <= float(margin) < float("inf")):
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    if check_finite:
+        for t, name in ((p, "p"), (y, "y")):
+            bad = int((~torch.isfinite(t.detach())).sum())
+            if bad: raise ValueError(f"{name} (shape {tuple(t.shape)}) has {bad} non-finite value(s) (NaN/Inf); "
+                                     "pass check_finite=False to handle them in the caller")
     if op == "uniform": return None  # w is ignored
     if w is None: raise ValueError(f"w (saliency, shape (B, N) = ({B}, {N})) is required for routing op {op!r}")
     check_saliency(w, name="w", n=N)
@@ -58,9 +69,10 @@ def trd_reference(
     w: torch.Tensor | None = None,  # B, N saliency in [0, 1] (detached; ignored for "uniform")
     op: str = "uniform",            # routing operator, one of `sara.routing.ROUTING_OPS`
     margin: float = 0.1,            # hinge margin on |S_p - S_y|
+    check_finite: bool = True,      # refuse NaN/Inf in p and y (False: they propagate into a non-finite loss)
 ) -> torch.Tensor:                  # 0-dim loss in `trd_compute_dtype(p, y)`
     "Readable TRD loss: materialises the (B, N, N) relation and weight matrices; plain autograd."
-    w = check_trd_inputs(p, y, w, op, margin)
+    w = check_trd_inputs(p, y, w, op, margin, check_finite)
     cdt = trd_compute_dtype(p, y)
     ph, yh = F.normalize(p.to(cdt), dim=-1), F.normalize(y.to(cdt), dim=-1)  # B, N, D
     sp, sy = ph @ ph.transpose(1, 2), yh @ yh.transpose(1, 2)                 # B, N, N
@@ -99,7 +111,7 @@ class _TRDChunked(torch.autograd.Function):
         for r0 in range(0, N, block):
             r1 = min(N, r0 + block)
             d = _diff_block(ph, yh, r0, r1).abs_().sub_(margin).clamp_(min=0)  # B, r, N
-            if w is not None: d.mul_(route(w[:, r0:r1, None], w[:, None, :], op))
+            if w is not None: d.mul_(route(w[:, r0:r1, None], w[:, None, :], op, check=False))
             acc += d.sum().to(torch.float64)
         return (acc / torch.where(z > 0, z, torch.ones_like(z)).to(torch.float64)).to(ph.dtype)
 
@@ -117,7 +129,7 @@ class _TRDChunked(torch.autograd.Function):
                 keep = d.abs() > ctx.margin                       # B, r, N bool
                 G = d.sign_().mul_(keep)                          # unscaled G, in place
                 del keep
-                if w is not None: G.mul_(route(w[:, r0:r1, None], w[:, None, :], ctx.op))
+                if w is not None: G.mul_(route(w[:, r0:r1, None], w[:, None, :], ctx.op, check=False))
                 if need_p: gp[:, r0:r1] = torch.bmm(G, ph)
                 if need_y: gy[:, r0:r1] = torch.bmm(G, yh)
             scale = 2 * g / torch.where(z > 0, z, torch.ones_like(z))  # z == 0 means G == 0
@@ -133,10 +145,11 @@ def trd_chunked(
     op: str = "uniform",            # routing operator, one of `sara.routing.ROUTING_OPS`
     margin: float = 0.1,            # hinge margin on |S_p - S_y|
     block: int | None = None,       # rows per block; None: one (B, r, N) block is about 32 MiB
+    check_finite: bool = True,      # refuse NaN/Inf in p and y (False: they propagate into a non-finite loss)
 ) -> torch.Tensor:                  # 0-dim loss in `trd_compute_dtype(p, y)`
     """Exact TRD loss streaming (B, block, N) row blocks of the pair matrix: extra memory grows as
     N x block, never N^2. Normalisation runs under autograd outside the custom Function."""
-    w = check_trd_inputs(p, y, w, op, margin)
+    w = check_trd_inputs(p, y, w, op, margin, check_finite)
     B, N = p.shape[:2]
     cdt = trd_compute_dtype(p, y)
     if block is None: block = trd_block_rows(B, N, torch.empty((), dtype=cdt).element_size())
@@ -147,7 +160,7 @@ def trd_chunked(
     if w is None: z = torch.tensor(float(B * N * N), dtype=cdt, device=p.device)
     else:
         w = w.to(cdt)
-        z = pair_weight_total(w, op).sum()
+        z = pair_weight_total(w, op, check=False).sum()  # w checked above
     return _TRDChunked.apply(ph, yh, w, z, op, float(margin), block)
 
 # %% ../nbs/trd.ipynb #800179e9
@@ -172,14 +185,16 @@ def trd_loss(
     op: str = "uniform",            # routing operator, one of `sara.routing.ROUTING_OPS`
     margin: float = 0.1,            # hinge margin on |S_p - S_y|
     impl: str = "auto",             # one of `TRD_IMPLS`
+    check_finite: bool = True,      # refuse NaN/Inf in p and y naming the tensor (False: a NaN/Inf loss the caller handles)
 ) -> torch.Tensor:                  # 0-dim loss in `trd_compute_dtype(p, y)`
-    "TRD loss with pair routing: validates all arguments, then dispatches to an implementation."
+    """TRD loss with pair routing: validates all arguments (once), then dispatches to an implementation.
+    The Stage 2 loop passes `check_finite=False`: it skips a step whose loss is not finite itself."""
     if not isinstance(impl, str) or impl not in TRD_IMPLS:
         raise ValueError(f"unknown TRD impl {impl!r}; allowed: {', '.join(TRD_IMPLS)}")
-    check_trd_inputs(p, y, w, op, margin)
+    check_trd_inputs(p, y, w, op, margin, check_finite)
     if impl == "auto": impl = trd_auto_impl(p)
     if impl == "triton":
         from sara.trd_triton import trd_triton  # lazy: sara.trd_triton itself builds on this module
         return trd_triton(p, y, w, op=op, margin=margin)
     fn = {"reference": trd_reference, "chunked": trd_chunked}[impl]
-    return fn(p, y, w, op=op, margin=margin)
+    return fn(p, y, w, op=op, margin=margin, check_finite=False)  # checked above
