@@ -6,13 +6,13 @@ Docs: https://sara-workbench.github.io/sara/checkpoint.html.md"""
 
 # %% ../nbs/checkpoint.ipynb #52a17e88
 from __future__ import annotations
-import hashlib, json, os, re, shutil, time, warnings
+import errno, hashlib, json, os, re, shutil, time, warnings
 from pathlib import Path
 from typing import Callable
 
 # %% auto #0
 __all__ = ['CKPT_RE', 'MANIFEST', 'CorruptCheckpoint', 'sha256_file', 'list_checkpoints', 'verify_checkpoint', 'write_checkpoint',
-           'latest_checkpoint']
+           'latest_checkpoint', 'set_aside_newer']
 
 # %% ../nbs/checkpoint.ipynb #cc83da22
 CKPT_RE = re.compile(r"^step_(\d{6,})$")
@@ -88,9 +88,11 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         prev = list_checkpoints(root)
         keep = f"the previous checkpoint {prev[-1][1].name} is intact" if prev else "no earlier checkpoint exists"
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"saving checkpoint step {step} into {root} failed ({e.strerror or e}); {keep}") from e
-        raise e
+        if not isinstance(e, Exception): raise e  # KeyboardInterrupt, SystemExit: passed on as they are
+        # a failing writer surfaces as OSError, but also as safetensors' SafetensorError or torch.save's RuntimeError
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
+        raise OSError(code, f"saving checkpoint step {step} into {root} failed ({why}); {keep}") from e
     barrier()
     try: save_fn(tmp)                         # every process writes its part (sharded states)
     except BaseException as e:
@@ -129,3 +131,22 @@ def latest_checkpoint(
         except CorruptCheckpoint as e:
             report(f"skipping corrupt checkpoint: {e}")
     return None
+
+# %% ../nbs/checkpoint.ipynb #7c95aa30
+def set_aside_newer(
+    root: str | Path,           # the `checkpoints/` folder of a run
+    step: int,                  # the step the run resumes from (0: a fresh start)
+    report: Callable[[str], None] = print,  # receives one message per folder moved
+) -> list[Path]:                # the new names of the folders moved aside
+    "Rename every checkpoint newer than `step` to `corrupt-...` or `superseded-...`, so the resumed run can write its own."
+    moved = []
+    for s, folder in list_checkpoints(root):
+        if s <= step: continue
+        try: verify_checkpoint(folder); kind = "superseded"
+        except CorruptCheckpoint: kind = "corrupt"
+        dst, k = folder.with_name(f"{kind}-{folder.name}"), 1
+        while dst.exists(): dst, k = folder.with_name(f"{kind}-{folder.name}.{k}"), k + 1
+        os.replace(folder, dst)
+        report(f"moved {kind} checkpoint {folder.name} (newer than the resumed step {step}) aside to {dst}")
+        moved.append(dst)
+    return moved

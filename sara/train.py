@@ -16,7 +16,7 @@ from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 
 from .config import RunConfig, make_config, save_config, ConfigError, dataclass_args
-from .checkpoint import write_checkpoint, latest_checkpoint, verify_checkpoint
+from .checkpoint import write_checkpoint, latest_checkpoint, verify_checkpoint, set_aside_newer
 from .wan import (build_wan, dit_grid, FeatureTap, Projector, resample_tokens, sample_sigmas, expert_window,
                       loss_weights, flow_matching_pair, flow_matching_loss, dit_forward)
 from .trd import trd_loss
@@ -256,7 +256,8 @@ def step_losses(
     if op is None: trd = fm.new_zeros(())
     else:
         p = resample_tokens(feats, dit_grid(dit, x0.shape), batch["grid"])   # B, N, D
-        trd = trd_loss(p, batch["y"], w=batch["w"] if op != "uniform" else None, op=op, margin=cfg.margin, impl=cfg.trd_impl)
+        trd = trd_loss(p, batch["y"], w=batch["w"] if op != "uniform" else None, op=op, margin=cfg.margin, impl=cfg.trd_impl,
+                       check_finite=False)  # a NaN/Inf loss is skipped by the loop, not raised here
     return dict(fm=fm, trd=trd, total=fm + lam * trd)
 
 # %% ../nbs/train.ipynb #ea1f2de4
@@ -455,6 +456,9 @@ def train(
     if ck is not None:
         acc.load_state(str(ck))
         print(f"resumed from {ck} at step {state.step}")
+    if main and cfg.resume:   # corrupt (skipped) or newer checkpoints would block the steps this run writes next
+        set_aside_newer(Path(cfg.run_dir) / "checkpoints", state.step)
+    acc.wait_for_everyone()
     if main:
         truncate_metrics(Path(cfg.run_dir) / "metrics.jsonl", state.step)
         save_config(cfg, Path(cfg.run_dir) / "config.json")

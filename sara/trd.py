@@ -195,6 +195,6 @@ def trd_loss(
     if impl == "auto": impl = trd_auto_impl(p)
     if impl == "triton":
         from sara.trd_triton import trd_triton  # lazy: sara.trd_triton itself builds on this module
-        return trd_triton(p, y, w, op=op, margin=margin)
+        return trd_triton(p, y, w, op=op, margin=margin, check_finite=False)  # checked above
     fn = {"reference": trd_reference, "chunked": trd_chunked}[impl]
     return fn(p, y, w, op=op, margin=margin, check_finite=False)  # checked above

@@ -245,6 +245,10 @@ class FusedTRD(torch.autograd.Function):
                               y.stride(0), y.stride(1), sw_b, float(margin), OP=_OP_CODE[op],
                               BM=block_m, BD=block_d, PREC_P=_prec(), PREC_Y=_prec(), **_launch_cfg(block_m))
         loss = part.sum(dtype=torch.float64) * inv_z  # deterministic: fixed-order reduction of partials
+        # the kernel's hinge maps NaN to 0, so a NaN/Inf token would give a finite, wrong loss: a row's float32 norm
+        # is finite exactly when the row is, so non-finite inputs give NaN here, with no sync and O(B N) reads
+        finite = torch.isfinite(inv_p).all() & torch.isfinite(inv_y).all() & (inv_p > 0).all() & (inv_y > 0).all()
+        loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
         ctx.save_for_backward(p, y, inv_p, inv_y, wk, inv_z)
         ctx.cfg = (op, float(margin), block_m, block_d, stripe_rows, sw_b)
         return loss.to(torch.float32)
@@ -294,13 +298,14 @@ def trd_triton(
     block_m: int | None = None,     # tile side (rows = columns), a power of 2 >= 16; None: 128
     block_d: int | None = None,     # D chunk per tl.dot, a power of 2 >= 16; None: 64
     stripe_rows: int | None = None, # backward: rows of G per stripe; None: from a 128 MiB budget
+    check_finite: bool = True,      # refuse NaN/Inf in p and y (False: the loss is NaN, as the other impls give)
 ) -> torch.Tensor:                  # 0-dim loss in `sara.trd.trd_compute_dtype(p, y)` (float32 here)
     """Exact routed TRD loss (same semantics and validation as `sara.trd.trd_reference`) with fused
     Triton kernels: no N x N tensor is ever stored. `FusedTRD` L2-normalises `p` and `y` in their
     own dtype (as `F.normalize`) and applies the normalisation's gradient itself. Needs CUDA tensors (or
     TRITON_INTERPRET=1 set before triton is imported, for CPU checks). float64 inputs go to
     `sara.trd.trd_chunked`: Triton has no float64 tensor-core `tl.dot`."""
-    w = check_trd_inputs(p, y, w, op, margin)
+    w = check_trd_inputs(p, y, w, op, margin, check_finite)
     bm = 128 if block_m is None else block_m
     bd = 64 if block_d is None else block_d
     for name, v in (("block_m", bm), ("block_d", bd)):
@@ -309,7 +314,7 @@ def trd_triton(
     if stripe_rows is not None and (isinstance(stripe_rows, bool) or not isinstance(stripe_rows, int) or stripe_rows < 1):
         raise ValueError(f"stripe_rows must be an int >= 1 or None, got {stripe_rows!r}")
     if torch.float64 in (p.dtype, y.dtype):
-        return trd_chunked(p, y, w, op, margin)
+        return trd_chunked(p, y, w, op, margin, check_finite=False)
     if p.device.type != "cuda" and not _interpreting():
         raise ValueError(f"trd_triton needs CUDA tensors, got p {tuple(p.shape)} on {p.device}; on the CPU "
                          "use sara.trd.trd_chunked, or set TRITON_INTERPRET=1 before triton is imported")

@@ -354,10 +354,5 @@ def test_triton_path_refuses_non_finite_features(triton_interpreted):
     assert [m.split(" ")[0] for m in msgs] == ["p", "p", "y", "y"] and all("has 1 non-finite" in m for m in msgs)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sara.trd_triton maps NaN/Inf features to a FINITE loss (its hinge drops NaN; only the gradients turn NaN, "
-    "also seen on an H200): with check_finite=False the caller gets a wrong finite number. Fix in nbs/trd_triton.ipynb: "
-    "propagate non-finite inputs, e.g. loss = torch.where(torch.isfinite(p).all() & torch.isfinite(y).all(), loss, nan) "
-    "(no host sync), and give trd_triton a check_finite parameter passed to check_trd_inputs"))
 def test_triton_path_propagates_non_finite_when_unchecked(triton_interpreted):
     assert triton_interpreted["propagated"] == [True] * 4, triton_interpreted["propagated"]

@@ -353,20 +353,18 @@ def test_corrupt_newest_checkpoint_is_named_and_skipped(how, stopped_run, refere
     want = {"bitflip": "SHA-256 does not match", "truncate": "(truncated?)", "no_manifest": "no MANIFEST.json"}[how]
     named = str(bad) if how != "no_manifest" else str(bad.parent)
     assert len(msgs) == 1 and named in msgs[0] and want in msgs[0], msgs
-    cfg.checkpoint_every = 0   # see the xfail test below: rewriting step_000005 is refused today
     rest = train(cfg, progress=False)["metrics"]
     out = capsys.readouterr().out
     assert named in out and "resumed from" in out and "step_000004" in out
     assert pick(rest) == pick(reference["rows"][4:])
     assert [r["step"] for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl")] == list(range(1, STEPS + 1))
-    verify_checkpoint(root / "step_000004")
-    TRIALS.append(f"{how} newest checkpoint: reported by name, resumed from the previous one; exact")
+    assert [s for s, _ in list_checkpoints(root)] == [6, 7, 8]   # the run went on checkpointing past step 5
+    for _, f in list_checkpoints(root): verify_checkpoint(f)
+    aside = root / "corrupt-step_000005"
+    assert aside.is_dir() and f"moved corrupt checkpoint step_000005" in out and str(aside) in out
+    TRIALS.append(f"{how} newest checkpoint: reported by name, set aside as {aside.name}, resumed from the previous one; exact")
 
 
-@pytest.mark.xfail(strict=True, raises=FileExistsError, reason=(
-    "resume='latest' skips a corrupt step_000005 but leaves it in place, so the resumed run's write_checkpoint(5) "
-    "raises FileExistsError; resume_folder/train should move skipped corrupt checkpoints aside (e.g. to "
-    "checkpoints/corrupt-step_000005) before training"))
 def test_resume_past_a_corrupt_checkpoint_keeps_checkpointing(stopped_run, reference):
     cfg, root = stopped_run
     corrupt_checkpoint(root / "step_000005", "bitflip")
@@ -454,10 +452,6 @@ def test_real_write_failure_keeps_previous_checkpoint(cfg_for, reference, monkey
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX RLIMIT_FSIZE")
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "write_checkpoint wraps only OSError; a real write failure surfaces from safetensors as SafetensorError "
-    "('I/O error: File too large') or from torch.save as RuntimeError ('unexpected pos ...'), re-raised bare: the "
-    "message neither says that saving checkpoint step N failed nor that the previous checkpoint is intact"))
 def test_real_write_failure_message_says_what_happened(cfg_for, monkeypatch):
     err = run_with_file_size_limit(cfg_for(run_name="fsize-msg"), monkeypatch, at_step=3)
     assert isinstance(err, OSError)
@@ -552,9 +546,6 @@ def test_too_many_bad_steps_stop_the_run(max_bad, plan, stop, cfg_for, monkeypat
     TRIALS.append(f"{max_bad + 1} bad steps in a row with max_bad_steps={max_bad}: FloatingPointError at step {stop}")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "sara.train.step_losses calls trd_loss with the default check_finite=True, so NaN projector features raise "
-    "ValueError instead of a skipped step; pass check_finite=False there (the loop handles non-finite losses)"))
 def test_non_finite_projector_features_are_skipped(cfg_for, monkeypatch):
     plan = {3: "nan_feats"}
     seen = inject(monkeypatch, plan)
