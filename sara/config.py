@@ -15,7 +15,7 @@ from .trd import TRD_IMPLS
 # %% auto #0
 __all__ = ['SITE_DEFAULTS', 'SITE_PATH_KEYS', 'METHODS', 'SALIENCY_SOURCES', 'DEVICES', 'LAM_SCHEDULES', 'EXPERTS',
            'LOSS_WEIGHTINGS', 'MIXED_PRECISION', 'WEIGHTS_DTYPES', 'find_settings', 'site_settings', 'ConfigError',
-           'dataclass_args', 'RunConfig', 'make_config', 'save_config', 'load_config']
+           'known_params', 'dataclass_args', 'RunConfig', 'make_config', 'save_config', 'load_config']
 
 # %% ../nbs/config.ipynb #0126f342
 SITE_DEFAULTS = dict(data_root="data/toy", manifest="manifest.jsonl", cache_dir="cache", runs_dir="runs",
@@ -74,6 +74,18 @@ class ConfigError(ValueError):
     def __init__(self, field: str, value, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(f"{self.owner}.{field} = {value!r} is not allowed; expected {allowed}")
+
+def known_params(
+    params: dict | None,        # parameters for the dataclass `cls` (papermill parameters, CLI flags)
+    cls,                        # a config dataclass
+    error=ConfigError,          # the `ConfigError` subclass that names `cls`
+) -> dict:                      # a copy of `params`
+    "Refuse the first key of `params` that is not a field of `cls`, listing the known ones."
+    params = dict(params or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(params) - known)
+    if unknown: raise error(unknown[0], params[unknown[0]], f"a known parameter ({', '.join(sorted(known))})")
+    return params
 
 def dataclass_args(
     cls,                        # a config dataclass whose fields are str, int, float or bool
@@ -192,11 +204,7 @@ def make_config(
     settings: dict | None = None,    # site settings (default: `site_settings()` from the working directory)
 ) -> RunConfig:                      # validated, with every path and model location resolved
     "Build the validated `RunConfig` from run parameters, filling blanks from the site settings."
-    params = dict(params or {})
-    known = {f.name for f in fields(RunConfig)}
-    unknown = sorted(set(params) - known)
-    if unknown: raise ConfigError(unknown[0], params[unknown[0]], f"a known parameter ({', '.join(sorted(known))})")
-    cfg = RunConfig(**params)
+    cfg = RunConfig(**known_params(params, RunConfig, ConfigError))
     cfg.validate()
     s = site_settings() if settings is None else settings
     for k in ("data_root", "manifest", "cache_dir", "runs_dir", "wan_model", "vfm_model", "text_model"):

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .config import ConfigError, dataclass_args, site_settings
+from .config import ConfigError, dataclass_args, known_params, site_settings
 from .data import ClipDataset, atomic_path, frame_indices, load_video, resize_video
 from .masks import MASK_PROVIDERS, MERGE_RULES, flow_to_grid, merge_entities, reduce_to_grid
 
@@ -113,11 +113,7 @@ def make_precompute_config(
     settings: dict | None = None,  # site settings (default: `site_settings()` from the working directory)
 ) -> PrecomputeConfig:             # validated, with every path and model location resolved
     "Build the validated `PrecomputeConfig`, filling blanks from the site settings and resolving paths."
-    params = dict(params or {})
-    known = {f.name for f in fields(PrecomputeConfig)}
-    unknown = sorted(set(params) - known)
-    if unknown: raise PrecomputeConfigError(unknown[0], params[unknown[0]], f"a known parameter ({', '.join(sorted(known))})")
-    cfg = PrecomputeConfig(**params).validate()
+    cfg = PrecomputeConfig(**known_params(params, PrecomputeConfig, PrecomputeConfigError)).validate()
     s = site_settings() if settings is None else settings
     for k in ("data_root", "manifest", "cache_dir", "wan_model", "vfm_model", "text_model"):
         if not getattr(cfg, k): setattr(cfg, k, s[k])
