@@ -52,9 +52,15 @@ def check_trd_inputs(
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
     if check_finite:
         for t, name in ((p, "p"), (y, "y")):
+            # one B x N pass: a row norm is finite iff every value of the row is (or it overflows float32),
+            # so the common clean case allocates O(B N), not a (B, N, D) mask
+            nd = torch.float64 if t.dtype == torch.float64 else torch.float32
+            if bool(torch.isfinite(torch.linalg.vector_norm(t.detach(), dim=-1, dtype=nd)).all()): continue
             bad = int((~torch.isfinite(t.detach())).sum())
             if bad: raise ValueError(f"{name} (shape {tuple(t.shape)}) has {bad} non-finite value(s) (NaN/Inf); "
                                      "pass check_finite=False to handle them in the caller")
+            raise ValueError(f"{name} (shape {tuple(t.shape)}) has token rows whose L2 norm overflows {nd} "
+                             f"(max |value| {float(t.detach().abs().max()):g}); scale the features down")
     if op == "uniform": return None  # w is ignored
     if w is None: raise ValueError(f"w (saliency, shape (B, N) = ({B}, {N})) is required for routing op {op!r}")
     check_saliency(w, name="w", n=N)

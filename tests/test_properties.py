@@ -337,10 +337,9 @@ print("RESULT" + json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def triton_interpreted():
-    import json, os, subprocess, sys
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+def triton_interpreted(triton_interpreter):
+    import json, subprocess, sys
+    env = triton_interpreter
     r = subprocess.run([sys.executable, "-c", TRITON_CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT"):])

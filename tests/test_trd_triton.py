@@ -75,9 +75,8 @@ print("RESULT" + json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def interpreted():
-    if not HAS_TRITON: pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+def interpreted(triton_interpreter):
+    env = triton_interpreter
     r = subprocess.run([sys.executable, "-c", CHILD, os.path.dirname(__file__)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
