@@ -373,6 +373,8 @@ def test_resume_past_a_corrupt_checkpoint_keeps_checkpointing(stopped_run, refer
     assert pick(rest) == pick(reference["rows"][4:])
     assert [s for s, _ in list_checkpoints(root)] == [6, 7, 8]
     for _, f in list_checkpoints(root): verify_checkpoint(f)
+    assert (root / "corrupt-step_000005").is_dir()
+    TRIALS.append("resume='latest' past a corrupt step 5 with checkpointing on: set aside, steps 6-8 written; exact")
 
 
 @pytest.mark.parametrize("how", ["bitflip", "truncate"])
@@ -456,6 +458,7 @@ def test_real_write_failure_message_says_what_happened(cfg_for, monkeypatch):
     err = run_with_file_size_limit(cfg_for(run_name="fsize-msg"), monkeypatch, at_step=3)
     assert isinstance(err, OSError)
     assert "checkpoint step 3" in str(err) and "step_000002 is intact" in str(err), str(err)
+    TRIALS.append(f"RLIMIT_FSIZE write failure, message: {str(err)[:150]}")
 
 
 # ---------------------------------------------------------------- 5. NaN / Inf
@@ -551,6 +554,7 @@ def test_non_finite_projector_features_are_skipped(cfg_for, monkeypatch):
     seen = inject(monkeypatch, plan)
     rows = train(cfg_for(run_name="feats"), progress=False)["metrics"]
     check_skips(rows, seen, plan)
+    TRIALS.append("NaN projector features at step 3: TRD not finite, step skipped and logged, run finished")
 
 
 class Poisoned:
