@@ -377,6 +377,20 @@ def test_resume_past_a_corrupt_checkpoint_keeps_checkpointing(stopped_run, refer
     TRIALS.append("resume='latest' past a corrupt step 5 with checkpointing on: set aside, steps 6-8 written; exact")
 
 
+def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(stopped_run, reference):
+    "Resuming on purpose from step 4 while a valid step 5 exists: step 5 is kept (renamed), the run re-does 5-8."
+    cfg, root = stopped_run
+    before = (root / "step_000005" / "MANIFEST.json").read_bytes()
+    cfg.resume = str(root / "step_000004")
+    rest = train(cfg, progress=False)["metrics"]
+    assert pick(rest) == pick(reference["rows"][4:])
+    assert [s for s, _ in list_checkpoints(root)] == [6, 7, 8]
+    kept = root / "superseded-step_000005"
+    assert (kept / "MANIFEST.json").read_bytes() == before
+    verify_checkpoint(kept)
+    TRIALS.append("resume= an older checkpoint (4) with a valid newer one (5): 5 kept as superseded-step_000005; exact")
+
+
 @pytest.mark.parametrize("how", ["bitflip", "truncate"])
 def test_named_corrupt_checkpoint_raises(how, stopped_run):
     cfg, root = stopped_run
