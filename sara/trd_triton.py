@@ -43,9 +43,11 @@ def _interpreting() -> bool:
 # %% ../nbs/trd_triton.ipynb #0a5e59e5
 if triton is not None:
     @triton.jit
-    def _diff_tile(P, Y, b, rows, cols, N, DP, DY, sp_b, sp_n, sy_b, sy_n,
+    def _diff_tile(P, Y, IP, IY, b, rows, cols, N, DP, DY, sp_b, sp_n, sy_b, sy_n, sv_b,
                    BM: tl.constexpr, BD: tl.constexpr, PREC_P: tl.constexpr, PREC_Y: tl.constexpr):
-        # (BM, BM) fp32 tile of S_p - S_y = p_i p_j^T + (-y_i) y_j^T, looping over D in BD chunks
+        # (BM, BM) fp32 tile of S_p - S_y = p̂_i p̂_j^T - ŷ_i ŷ_j^T from the raw tokens and their float32 inverse
+        # norms, in one accumulator: it takes p_i p_j^T (looping over D in BD chunks), is rescaled to
+        # S_p |y_i| |y_j|, takes -y_i y_j^T and is finally scaled by 1 / (|y_i| |y_j|)
         rm = rows < N
         cm = cols < N
         acc = tl.zeros((BM, BM), dtype=tl.float32)
@@ -56,6 +58,12 @@ if triton is not None:
             a = tl.load(pb + rows[:, None].to(tl.int64) * sp_n + dd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
             c = tl.load(pb + cols[None, :].to(tl.int64) * sp_n + dd[:, None], mask=dm[:, None] & cm[None, :], other=0.0)
             acc = tl.dot(a, c, acc, input_precision=PREC_P)
+        vb = b.to(tl.int64) * sv_b
+        ipr = tl.load(IP + vb + rows, mask=rm, other=1.0)
+        ipc = tl.load(IP + vb + cols, mask=cm, other=1.0)
+        iyr = tl.load(IY + vb + rows, mask=rm, other=1.0)
+        iyc = tl.load(IY + vb + cols, mask=cm, other=1.0)
+        acc = acc * (ipr / iyr)[:, None] * (ipc / iyc)[None, :]
         yb = Y + b.to(tl.int64) * sy_b
         for d0 in range(0, DY, BD):
             dd = d0 + tl.arange(0, BD)
@@ -63,7 +71,7 @@ if triton is not None:
             a = tl.load(yb + rows[:, None].to(tl.int64) * sy_n + dd[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
             c = tl.load(yb + cols[None, :].to(tl.int64) * sy_n + dd[:, None], mask=dm[:, None] & cm[None, :], other=0.0)
             acc = tl.dot(-a, c, acc, input_precision=PREC_Y)
-        return acc
+        return acc * iyr[:, None] * iyc[None, :]
 
     @triton.jit
     def _weight_tile(Wp, b, rows, cols, N, sw_b, OP: tl.constexpr):
@@ -86,7 +94,7 @@ if triton is not None:
         return wt
 
     @triton.jit
-    def _fwd(P, Y, Wp, TILES, OUT, N, DP, DY, n_tiles, sp_b, sp_n, sy_b, sy_n, sw_b, margin,
+    def _fwd(P, Y, IP, IY, Wp, TILES, OUT, N, DP, DY, n_tiles, sp_b, sp_n, sy_b, sy_n, sv_b, sw_b, margin,
              OP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PREC_P: tl.constexpr, PREC_Y: tl.constexpr):
         # one program = one tile (ti <= tj) of the upper triangle of one batch element
         t = tl.program_id(0)
@@ -95,7 +103,7 @@ if triton is not None:
         tj = tl.load(TILES + 2 * t + 1)
         rows = ti * BM + tl.arange(0, BM)
         cols = tj * BM + tl.arange(0, BM)
-        diff = _diff_tile(P, Y, b, rows, cols, N, DP, DY, sp_b, sp_n, sy_b, sy_n, BM, BD, PREC_P, PREC_Y)
+        diff = _diff_tile(P, Y, IP, IY, b, rows, cols, N, DP, DY, sp_b, sp_n, sy_b, sy_n, sv_b, BM, BD, PREC_P, PREC_Y)
         d = tl.maximum(tl.abs(diff) - margin, 0.0)
         wt = _weight_tile(Wp, b, rows, cols, N, sw_b, OP)
         s = tl.sum(tl.sum(wt * d, axis=1), axis=0)
@@ -103,9 +111,11 @@ if triton is not None:
         tl.store(OUT + b.to(tl.int64) * n_tiles + t, s)
 
     @triton.jit
-    def _grad_stripe(P, Y, Wp, SCALE, G, N, DP, DY, r0, R, sp_b, sp_n, sy_b, sy_n, sw_b, sg_b, sg_r, margin,
-                     OP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PREC_P: tl.constexpr, PREC_Y: tl.constexpr):
-        # G[b, i - r0, j] = W_ij sign(diff) 1[|diff| > margin] * scale, rows r0 <= i < r0 + R, all columns j
+    def _grad_stripe(P, Y, IP, IY, Wp, CS1, CS2, SCALE, G1, G2, N, DP, DY, r0, R, c0, CW, sp_b, sp_n, sy_b, sy_n,
+                     sv_b, sw_b, sg_b, sg_r, margin, OP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                     PREC_P: tl.constexpr, PREC_Y: tl.constexpr, TWO: tl.constexpr):
+        # G1[b, i - r0, j - c0] = W_ij sign(diff) 1[|diff| > margin] * scale * CS1[b, j] for j > i (0 for j <= i),
+        # rows r0 <= i < r0 + R, columns c0 <= j < c0 + CW; G2 likewise with CS2 when TWO
         pid = tl.program_id(0)
         b = tl.program_id(1)
         n_rb = tl.cdiv(R, BM)
@@ -114,20 +124,30 @@ if triton is not None:
         lr = ri * BM + tl.arange(0, BM)
         rows = r0 + lr
         rows = tl.where(lr < R, rows, N)  # rows past the stripe are treated as padding
-        cols = tj * BM + tl.arange(0, BM)
-        diff = _diff_tile(P, Y, b, rows, cols, N, DP, DY, sp_b, sp_n, sy_b, sy_n, BM, BD, PREC_P, PREC_Y)
-        wt = _weight_tile(Wp, b, rows, cols, N, sw_b, OP)
-        sgn = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
-        scale = tl.load(SCALE)
-        g = tl.where(tl.abs(diff) > margin, wt * sgn, 0.0) * scale
-        ok = (lr < R)[:, None] & (cols < N)[None, :]
-        tl.store(G + b.to(tl.int64) * sg_b + lr[:, None].to(tl.int64) * sg_r + cols[None, :],
-                 g.to(G.dtype.element_ty), mask=ok)
+        lc = tj * BM + tl.arange(0, BM)
+        cols = c0 + lc
+        if c0 + tj * BM + BM - 1 <= r0 + ri * BM:  # the tile lies on or below the diagonal: no pair j > i
+            g = tl.zeros((BM, BM), dtype=tl.float32)
+        else:
+            diff = _diff_tile(P, Y, IP, IY, b, rows, cols, N, DP, DY, sp_b, sp_n, sy_b, sy_n, sv_b, BM, BD, PREC_P, PREC_Y)
+            wt = _weight_tile(Wp, b, rows, cols, N, sw_b, OP)
+            sgn = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+            scale = tl.load(SCALE)
+            g = tl.where((tl.abs(diff) > margin) & (cols[None, :] > rows[:, None]), wt * sgn, 0.0) * scale
+        cm = lc < CW
+        ok = (lr < R)[:, None] & cm[None, :]
+        vb = b.to(tl.int64) * sv_b
+        off = b.to(tl.int64) * sg_b + lr[:, None].to(tl.int64) * sg_r + lc[None, :]
+        c1 = tl.load(CS1 + vb + cols, mask=cm, other=0.0)
+        tl.store(G1 + off, (g * c1[None, :]).to(G1.dtype.element_ty), mask=ok)
+        if TWO:
+            c2 = tl.load(CS2 + vb + cols, mask=cm, other=0.0)
+            tl.store(G2 + off, (g * c2[None, :]).to(G2.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _gx(G, X, O, N, R, D, sg_b, sg_r, sx_b, sx_n, so_b, so_r, sign,
+    def _gx(G, X, O, M, K, D, sg_b, sg_r, sg_k, sx_b, sx_n, so_b, so_r,
             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-        # O[b, r, :] = sign * sum_j G[b, r, j] X[b, j, :]  (fp32 accumulate; for float32 inputs)
+        # O[b, r, :] += sum_k G[b, r, k] X[b, k, :]  (fp32 accumulate; G may be a transposed view)
         pid = tl.program_id(0)
         b = tl.program_id(1)
         n_db = tl.cdiv(D, BN)
@@ -135,20 +155,21 @@ if triton is not None:
         db = pid % n_db
         r = rb * BM + tl.arange(0, BM)
         dd = db * BN + tl.arange(0, BN)
-        rm = r < R
+        rm = r < M
         dm = dd < D
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         gb = G + b.to(tl.int64) * sg_b
         xb = X + b.to(tl.int64) * sx_b
-        for k0 in range(0, N, BK):
+        for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)
-            km = k < N
-            g = tl.load(gb + r[:, None].to(tl.int64) * sg_r + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            km = k < K
+            g = tl.load(gb + r[:, None].to(tl.int64) * sg_r + k[None, :].to(tl.int64) * sg_k,
+                        mask=rm[:, None] & km[None, :], other=0.0)
             x = tl.load(xb + k[:, None].to(tl.int64) * sx_n + dd[None, :], mask=km[:, None] & dm[None, :], other=0.0)
             acc = tl.dot(g, x.to(g.dtype), acc, input_precision=PREC)
-        acc = acc * sign
-        tl.store(O + b.to(tl.int64) * so_b + r[:, None].to(tl.int64) * so_r + dd[None, :],
-                 acc.to(O.dtype.element_ty), mask=rm[:, None] & dm[None, :])
+        optr = O + b.to(tl.int64) * so_b + r[:, None].to(tl.int64) * so_r + dd[None, :]
+        om = rm[:, None] & dm[None, :]
+        tl.store(optr, tl.load(optr, mask=om, other=0.0) + acc, mask=om)
 
 # %% ../nbs/trd_triton.ipynb #719298d0
 def _kernels():
@@ -175,7 +196,9 @@ def _prec() -> str:
 
 
 _BLOCK_M, _BLOCK_D, _GROUP = 128, 64, 8  # tile side (rows = cols), D chunk, row blocks per L2 super-row
-_STRIPE_BYTES = 128 * 2**20  # backward: bytes of the (B, R, N) row stripe of G held at a time
+_STRIPE_BYTES = 256 * 2**20  # backward: bytes of the (B, R, C) block(s) of G held at a time
+_STRIPE_ROWS = 4096  # backward: rows per stripe by default (R)
+_CHUNK_ELEMS = 4 * 2**20  # backward: float32 elements per row chunk of the final normalisation pass
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -184,47 +207,73 @@ def _launch_cfg(block_m: int) -> dict:
     return dict(num_warps=8 if block_m >= 128 else 4, num_stages=3)
 
 
-def _stripe_matmul(G, X, block_m: int) -> torch.Tensor:  # B, R, D: G @ X (input dtype via cuBLAS, or float32)
-    "Batched G @ X with float32 accumulation (G: B, R, N stripe; X: B, N, D): cuBLAS for bf16/fp16, else Triton tf32."
-    if G.dtype in _HALF and X.dtype == G.dtype and not _interpreting():
-        return torch.bmm(G, X)  # cuBLAS, float32 accumulation inside
-    triton, _, _, gx = _kernels()
-    B, R, N = G.shape
-    D = X.shape[2]
-    out = torch.empty(B, R, D, dtype=torch.float32, device=G.device)
-    bm, bn, bk = (64, 64, 32) if block_m < 64 else (128, 128, 32)
-    grid = (triton.cdiv(R, bm) * triton.cdiv(D, bn), B)
-    gx[grid](G, X, out, N, R, D, G.stride(0), G.stride(1), X.stride(0), X.stride(1),
-             out.stride(0), out.stride(1), 1.0, BM=bm, BN=bn, BK=bk, PREC=_prec(), **_launch_cfg(block_m))
+def _plan(N: int, B: int, esize: int, block_m: int, stripe_rows: int | None) -> list:
+    "The backward's blocks of G: [(r0, R, [(c0, C), ...])], row stripes of R rows, each with column chunks covering r0..N within the budget."
+    out, r0 = [], 0
+    R = _STRIPE_ROWS if stripe_rows is None else stripe_rows
+    while r0 < N:
+        rs = min(R, N - r0)
+        C = max(block_m, _STRIPE_BYTES // max(1, B * rs * esize) // block_m * block_m)
+        out.append((r0, rs, [(c0, min(C, N - c0)) for c0 in range(r0, N, C)]))
+        r0 += rs
     return out
+
+
+@functools.cache
+def _cublas_accumulates(device: str) -> bool:
+    "Whether `torch.addmm(c, a, b, out_dtype=float32, out=c)` adds a half-precision product to a float32 `c` in place here."
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(24, 40, device=device, generator=g).bfloat16()[:, 3:].t()  # transposed view, as used
+        b = torch.randn(24, 16, device=device, generator=g).bfloat16()
+        c = torch.randn(37, 16, device=device, generator=g)
+        want = c + a.float() @ b.float()
+        torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+        return bool(torch.allclose(c, want, rtol=1e-5, atol=1e-5))
+    except Exception:  # older torch: no out_dtype
+        return False
+
+
+def _acc_matmul(acc, G, X, block_m: int) -> None:
+    "acc (B, M, D float32) += G @ X, G: B, M, K (may be a transposed view), X: B, K, D; float32 accumulation."
+    B, M, K = G.shape
+    if M == 0 or K == 0: return
+    if G.dtype in _HALF and X.dtype == G.dtype and not _interpreting():  # cuBLAS
+        if _cublas_accumulates(str(acc.device)):
+            for b in range(B):  # C += A B in the GEMM's epilogue (beta = 1): no temporaries
+                ab = acc[b]  # one tensor as input and out: no copy of C first
+                torch.addmm(ab, G[b], X[b], out_dtype=torch.float32, out=ab)
+        else:  # half-precision products in row chunks, added in float32
+            ch = max(1, _CHUNK_ELEMS // max(1, B * X.shape[2]))
+            for c0 in range(0, M, ch):
+                acc[:, c0:c0 + ch].add_(torch.bmm(G[:, c0:c0 + ch], X))
+        return
+    triton, _, _, gx = _kernels()
+    D = X.shape[2]
+    bm, bn, bk = (64, 64, 32) if block_m < 64 else (128, 128, 32)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(D, bn), B)
+    gx[grid](G, X, acc, M, K, D, G.stride(0), G.stride(1), G.stride(2), X.stride(0), X.stride(1),
+             acc.stride(0), acc.stride(1), BM=bm, BN=bn, BK=bk, PREC=_prec(), **_launch_cfg(block_m))
 
 
 _EPS = 1e-12  # as F.normalize
 
 
-def _normalize(x):  # B, N, D -> (x̂ in x's dtype, B, N, 1 float32 inverse norms)
-    "L2-normalise the last dim exactly as `F.normalize` does, and keep 1 / max(|x|, eps) in float32."
-    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # B, N, 1
-    return x / n.clamp_min(_EPS).to(x.dtype), 1.0 / n.clamp_min(_EPS)
-
-
-def _normalize_backward(g, xh, inv):  # g, xh: B, r, D; inv: B, r, 1 -> B, r, D float32
-    "Gradient through x̂ = x / max(|x|, eps): (g - (g . x̂) x̂) / |x| where |x| > eps, g / eps otherwise."
-    g, xh = g.float(), xh.float()
-    radial = (g * xh).sum(-1, keepdim=True) * (inv < 1.0 / _EPS)  # B, r, 1
-    return (g - radial * xh) * inv
+def _inv_norm(x):  # B, N, D -> B, N float32
+    "1 / max(|x|, eps) per row in float32 (the norm as `F.normalize` takes it, accumulated in float32)."
+    return 1.0 / torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(_EPS)
 
 
 class FusedTRD(torch.autograd.Function):
-    "Routed TRD on normalised tokens on L2-normalised p̂ (B, N, Dp), ŷ (B, N, Dy) with Triton kernels (see `trd_triton`)."
+    "Routed TRD on L2-normalised p̂ (B, N, Dp), ŷ (B, N, Dy) with Triton kernels (see `trd_triton`)."
 
     @staticmethod
     def forward(ctx, p, y, w, op, margin, block_m, block_d, stripe_rows):
-        # p: B, N, Dp and y: B, N, Dy raw tokens; they are normalised here (not by autograd), so the
-        # backward can apply the normalisation's gradient stripe by stripe, with no full dL/dp̂ tensor
+        # p: B, N, Dp and y: B, N, Dy raw tokens. No normalised copy is made: the kernels scale the tiles of
+        # p p^T and y y^T by the float32 inverse norms, and the backward applies the normalisation's gradient
         triton, fwd, _, _ = _kernels()
-        p, inv_p = _normalize(p.contiguous())  # B, N, Dp; B, N, 1
-        y, inv_y = _normalize(y.contiguous())  # B, N, Dy; B, N, 1
+        p, y = p.contiguous(), y.contiguous()
+        inv_p, inv_y = _inv_norm(p), _inv_norm(y)  # B, N
         B, N, DP = p.shape
         DY = y.shape[2]
         if op == "uniform":
@@ -241,8 +290,8 @@ class FusedTRD(torch.autograd.Function):
         n_tiles = tiles.shape[0]
         part = torch.zeros(B, n_tiles, dtype=torch.float32, device=p.device)
         if B and n_tiles:
-            fwd[(n_tiles, B)](p, y, wk, tiles, part, N, DP, DY, n_tiles, p.stride(0), p.stride(1),
-                              y.stride(0), y.stride(1), sw_b, float(margin), OP=_OP_CODE[op],
+            fwd[(n_tiles, B)](p, y, inv_p, inv_y, wk, tiles, part, N, DP, DY, n_tiles, p.stride(0), p.stride(1),
+                              y.stride(0), y.stride(1), inv_p.stride(0), sw_b, float(margin), OP=_OP_CODE[op],
                               BM=block_m, BD=block_d, PREC_P=_prec(), PREC_Y=_prec(), **_launch_cfg(block_m))
         loss = part.sum(dtype=torch.float64) * inv_z  # deterministic: fixed-order reduction of partials
         # the kernel's hinge maps NaN to 0, so a NaN/Inf token would give a finite, wrong loss: a row's float32 norm
@@ -258,33 +307,60 @@ class FusedTRD(torch.autograd.Function):
         p, y, inv_p, inv_y, wk, inv_z = ctx.saved_tensors
         op, margin, block_m, block_d, stripe_rows, sw_b = ctx.cfg
         need_p, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dp = torch.zeros_like(p) if need_p else None  # B, N, Dp
-        dy = torch.zeros_like(y) if need_y else None  # B, N, Dy
         B, N, DP = p.shape
         DY = y.shape[2]
         if not (need_p or need_y) or B == 0 or N == 0:
-            return dp, dy, None, None, None, None, None, None
+            return (torch.zeros_like(p) if need_p else None, torch.zeros_like(y) if need_y else None,
+                    None, None, None, None, None, None)
         triton, _, stripe, _ = _kernels()
         scale = (2.0 * grad_out.detach().double() * inv_z).to(torch.float32).reshape(1)
-        gdt = p.dtype if p.dtype in _HALF else torch.float32
-        if stripe_rows is None:
-            esize = torch.tensor([], dtype=gdt).element_size()
-            stripe_rows = max(block_m, _STRIPE_BYTES // max(1, B * N * esize) // block_m * block_m)
-        R = min(stripe_rows, N)
-        G = torch.empty(B, R, N, dtype=gdt, device=p.device)
-        T = triton.cdiv(N, block_m)
-        for r0 in range(0, N, R):
-            rs = min(R, N - r0)
-            grid = (triton.cdiv(rs, block_m) * T, B)
-            stripe[grid](p, y, wk, scale, G, N, DP, DY, r0, rs, p.stride(0), p.stride(1), y.stride(0),
-                         y.stride(1), sw_b, G.stride(0), G.stride(1), margin, OP=_OP_CODE[op],
-                         BM=block_m, BD=block_d, PREC_P=_prec(), PREC_Y=_prec(), **_launch_cfg(block_m))
-            gs, sl = G[:, :rs], slice(r0, r0 + rs)
-            if need_p:  # dL/dp̂ = 2 G p̂ on the stripe, then through the normalisation
-                dp[:, sl] = _normalize_backward(_stripe_matmul(gs, p, block_m), p[:, sl], inv_p[:, sl])
-            if need_y:  # dL/dŷ = -2 G ŷ
-                gy = gs if y.dtype == gdt or y.dtype not in _HALF else gs.to(y.dtype)
-                dy[:, sl] = _normalize_backward(_stripe_matmul(gy, y, block_m), y[:, sl], inv_y[:, sl]).neg_()
+        # one target per input that needs a gradient: (x, inverse norms, sign of dL/dx̂ = ±2 G x̂)
+        tg = [t for t, need in (((p, inv_p, 1.0), need_p), ((y, inv_y, -1.0), need_y)) if need]
+        gdts = [x.dtype if x.dtype in _HALF else torch.float32 for x, _, _ in tg]
+        esize = sum(torch.empty(0, dtype=d).element_size() for d in gdts)
+        plan = _plan(N, B, esize, block_m, stripe_rows)
+        gmax = max(B * rs * cw for _, rs, cols in plan for _, cw in cols)
+        bufs = [torch.empty(gmax, dtype=d, device=p.device) for d in gdts]
+        rmax = plan[0][1]
+        # acc = inv ⊙ dL/dx̂ (rows scaled by the inverse norms), float32: G's upper triangle sends each stripe's
+        # contributions to all later rows, so a row is complete only after its own stripe
+        accs = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x, _, _ in tg]
+        tmps = [torch.empty(B, rmax, x.shape[2], dtype=torch.float32, device=x.device) for x, _, _ in tg]
+        cs2 = tg[-1][1]
+        for r0, rs, cols in plan:
+            r1 = r0 + rs
+            xhs = [(x[:, r0:r1].float() * inv[:, r0:r1, None]).to(d) for (x, inv, _), d in zip(tg, gdts)]  # B, rs, D
+            for t in tmps: t[:, :rs].zero_()
+            for c0, cw in cols:
+                Gs = [buf[:B * rs * cw].view(B, rs, cw) for buf in bufs]
+                grid = (triton.cdiv(rs, block_m) * triton.cdiv(cw, block_m), B)
+                # G[i, j] * inv_x[j] for rows i in [r0, r1), columns j in [c0, c0 + cw), j > i; one buffer per target
+                stripe[grid](p, y, inv_p, inv_y, wk, tg[0][1], cs2, scale, Gs[0], Gs[-1], N, DP, DY, r0, rs, c0, cw,
+                             p.stride(0), p.stride(1), y.stride(0), y.stride(1), inv_p.stride(0), sw_b,
+                             Gs[0].stride(0), Gs[0].stride(1), margin, OP=_OP_CODE[op], BM=block_m, BD=block_d,
+                             PREC_P=_prec(), PREC_Y=_prec(), TWO=len(tg) == 2, **_launch_cfg(block_m))
+                for (x, _, _), G, acc, tmp, xh in zip(tg, Gs, accs, tmps, xhs):
+                    # pairs i < j once each: row i takes sum_j (G_ij inv_j) x_j (≈ G_ij x̂_j), row j takes sum_i G_ij x̂_i
+                    _acc_matmul(tmp[:, :rs], G, x[:, c0:c0 + cw], block_m)
+                    _acc_matmul(acc[:, c0:c0 + cw], G.transpose(1, 2), xh, block_m)
+            for (_, inv, _), acc, tmp in zip(tg, accs, tmps):
+                acc[:, r0:r1].addcmul_(tmp[:, :rs], inv[:, r0:r1, None])
+        del bufs, Gs, G, tmps, tmp, xhs, xh
+        out = []
+        for k, (x, inv, sgn) in enumerate(tg):
+            # through x̂ = x / max(|x|, eps): (g - (g . x̂) x̂) / |x| where |x| > eps, g / eps otherwise, g = acc / inv
+            acc, dx = accs[k], torch.empty_like(x)
+            ch = max(1, _CHUNK_ELEMS // max(1, B * x.shape[2]))
+            for c0 in range(0, N, ch):
+                g, iv = acc[:, c0:c0 + ch], inv[:, c0:c0 + ch, None]
+                xh = x[:, c0:c0 + ch].float() * iv
+                radial = (g * xh).sum(-1, keepdim=True) * (iv < 1.0 / _EPS)
+                dx[:, c0:c0 + ch] = g.sub_(radial * xh).mul_(sgn)
+            accs[k] = None
+            del acc, g, xh, radial
+            out.append(dx)
+        dp = out.pop(0) if need_p else None
+        dy = out.pop(0) if need_y else None
         return dp, dy, None, None, None, None, None, None
 
 # %% ../nbs/trd_triton.ipynb #2d14cee3
@@ -297,7 +373,7 @@ def trd_triton(
     *,
     block_m: int | None = None,     # tile side (rows = columns), a power of 2 >= 16; None: 128
     block_d: int | None = None,     # D chunk per tl.dot, a power of 2 >= 16; None: 64
-    stripe_rows: int | None = None, # backward: rows of G per stripe; None: from a 128 MiB budget
+    stripe_rows: int | None = None, # backward: rows of G per stripe; None: 4096
     check_finite: bool = True,      # refuse NaN/Inf in p and y (False: the loss is NaN, as the other impls give)
 ) -> torch.Tensor:                  # 0-dim loss in `sara.trd.trd_compute_dtype(p, y)` (float32 here)
     """Exact routed TRD loss (same semantics and validation as `sara.trd.trd_reference`) with fused

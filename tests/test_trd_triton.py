@@ -108,6 +108,58 @@ def test_cases_cover_brief():
     assert ("uniform", 0.1) in {(c[4], c[5]) for c in CASES}
 
 
+# budget-driven stripes (patched small, so that R grows down the rows and the last stripe is ragged), gradient
+# of p only (one G buffer) or of y only, B > 1, uniform and routed ops
+CHILD_STRIPES = r"""
+import json, sys, torch
+import sara.trd_triton as m
+from sara.trd import trd_reference
+sys.path.insert(0, sys.argv[1]); from test_trd_triton import raw_tokens, rel
+assert m._interpreting()
+m._STRIPE_BYTES, m._STRIPE_ROWS = 2 * 48 * 8 * 32, 48
+out = []
+for k, (B, N, op, m_, need) in enumerate([(2, 130, "or", 0.1, "p"), (1, 130, "uniform", 0.0, "y"), (2, 75, "xor", 0.0, "py")]):
+    plan = m._plan(N, B, 4 * len(need), 16, None)
+    p = raw_tokens(B, N, 65, 100 + k).requires_grad_("p" in need)
+    y = raw_tokens(B, N, 48, 200 + k).requires_grad_("y" in need)
+    w = torch.rand(B, N, generator=torch.Generator().manual_seed(k))
+    loss = m.trd_triton(p, y, w, op, m_, block_m=16, block_d=32)
+    loss.backward()
+    p64 = p.detach().double().requires_grad_("p" in need); y64 = y.detach().double().requires_grad_("y" in need)
+    ref = trd_reference(p64, y64, w.double(), op, m_)
+    ref.backward()
+    out.append(dict(loss=loss.item(), ref=ref.item(), n_stripes=len(plan), rows=sorted({r for _, r, _ in plan}),
+                    chunks=max(len(c) for _, _, c in plan),
+                    gp=rel(p.grad, p64.grad) if "p" in need else 0.0, gy=rel(y.grad, y64.grad) if "y" in need else 0.0,
+                    none=(p.grad is None) + (y.grad is None)))
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_interpreter_budget_stripes(triton_interpreter):
+    r = subprocess.run([sys.executable, "-c", CHILD_STRIPES, os.path.dirname(__file__)], env=triton_interpreter,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT"):])
+    for k, x in enumerate(res):
+        assert x["n_stripes"] >= 2 and len(x["rows"]) >= 2 and x["chunks"] >= 2, x  # a ragged stripe, several chunks
+        assert x["ref"] > 0.01 and abs(x["loss"] - x["ref"]) <= 1e-5 * x["ref"], x
+        assert x["gp"] < 1e-4 and x["gy"] < 1e-4, x
+        assert x["none"] == (0 if k == 2 else 1), x
+
+
+def test_plan_covers_upper_triangle_within_budget():
+    from sara.trd_triton import _plan, _STRIPE_BYTES, _STRIPE_ROWS
+    for N, B, es, bm, sr in [(32768, 4, 2, 128, None), (8192, 1, 2, 128, None), (32768, 4, 4, 128, None),
+                             (1000, 2, 6, 128, None), (17, 1, 4, 16, 5), (70, 2, 8, 32, 40), (5, 3, 2, 16, None)]:
+        plan = _plan(N, B, es, bm, sr)
+        assert [r0 for r0, _, _ in plan] == [0] + [r0 + r for r0, r, _ in plan[:-1]] and plan[-1][0] + plan[-1][1] == N
+        for r0, r, cols in plan:
+            assert r == min(sr or _STRIPE_ROWS, N - r0)
+            assert [c0 for c0, _ in cols] == [r0] + [c0 + c for c0, c in cols[:-1]] and cols[-1][0] + cols[-1][1] == N
+            assert all(c % bm == 0 or c0 + c == N for c0, c in cols)
+            assert all(B * r * c * es <= _STRIPE_BYTES or c == bm for _, c in cols)
+
 # ---------------------------------------------------------------- CPU: API and fallbacks
 def test_validation_names_shapes_and_op():
     p, y = torch.randn(2, 9, 8), torch.randn(2, 9, 5)
