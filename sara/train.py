@@ -299,8 +299,11 @@ def truncate_metrics(
 # %% ../nbs/train.ipynb #67be063c
 def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves neither a partial file nor its temporary
 
 def full_state_dict(module: torch.nn.Module, acc=None) -> dict:  # name -> tensor (full, on every process that gets one)
     "A module's full state dict; with several processes (FSDP) gathered through `acc.get_state_dict` (a collective)."

@@ -198,3 +198,20 @@ def test_tensorboard_logs(cfg_for):
     train(cfg, progress=False)
     events = list((Path(cfg.run_dir) / "tensorboard").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_failed_weight_export_leaves_no_temporary(tmp_path, monkeypatch):
+    "A writer that fails half way (disk full) leaves the export folder as it was: no partial file, no temporary."
+    import errno
+    import sara.train as T
+    (tmp_path / "projector.safetensors").write_bytes(b"previous export")
+
+    def failing(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(T, "save_file", failing)
+    with pytest.raises(OSError, match="No space left"):
+        T._atomic_save({"w": torch.ones(2)}, tmp_path / "projector.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["projector.safetensors"]
+    assert (tmp_path / "projector.safetensors").read_bytes() == b"previous export"
