@@ -29,8 +29,7 @@ __all__ = ['MERGE_HOWS', 'THRESHOLDS', 'HEAD_FORMAT', 'HEADS', 'toy_entries', 'c
            'SemanticAligner', 'merge_saliency', 'saliency_loss', 'info_nce', 'MotionConfig', 'MotionHead', 'flow_epe',
            'auroc', 'iou', 'saliency_metrics', 'retrieval_top1', 'mean_mask_saliency', 'saliency_baselines',
            'head_digest', 'save_head', 'load_head', 'Stage1Config', 'make_stage1_config', 'split_entries',
-           'evaluate_aligner', 'train_aligner', 'evaluate_motion', 'train_motion_head', 'plot_history',
-           'export_saliency', 'export_motion']
+           'evaluate_aligner', 'train_aligner', 'evaluate_motion', 'train_motion_head', 'plot_history', 'export_head']
 
 # %% ../nbs/aligner.ipynb #c5fe739b
 def toy_entries(
@@ -708,29 +707,24 @@ def _saliency_tensors(model, chunk, need):
     p = torch.sigmoid(o["logits"])
     return [dict(w_aligner=w[k].contiguous(), saliency_entities=p[k, :len(e["entities"])].contiguous()) for k, e in enumerate(chunk)]
 
-def export_saliency(
-    model: SemanticAligner,   # the frozen aligner
-    cache_path: str | Path,   # a precompute cache folder
-    batch_size: int = 16,     # clips per forward
-    checkpoint: str | Path | None = None,  # where the head was saved (recorded in the layer meta)
-    overwrite: bool = False,  # replace entries (or a layer of another head)
-    progress: bool = True,    # tqdm bar
-) -> Path:                    # the cache folder
-    "Write layer 'aligner' (w_aligner (N,), saliency_entities (E, T', H', W')) for every clip of the cache."
-    return _export(model, cache_path, "aligner", _saliency_tensors, batch_size, checkpoint, overwrite, progress,
-                   ("y", "entity_emb"))
-
 def _motion_tensors(model, chunk, need):
     z = model.motion_features(collate_entries(chunk, need=need)["y"])                # B, T', H', W', Dm
     return [dict(y_motion=z[k].contiguous()) for k in range(len(chunk))]
 
-def export_motion(
-    model: MotionHead,        # the frozen motion head
+# what each head writes: layer name, function of (model, chunk, need), cached fields it reads
+_EXPORTS = {"aligner": ("aligner", _saliency_tensors, ("y", "entity_emb")), "motion": ("motion", _motion_tensors, ("y",))}
+
+def export_head(
+    model: SemanticAligner | MotionHead,  # the frozen head
     cache_path: str | Path,   # a precompute cache folder
     batch_size: int = 16,     # clips per forward
     checkpoint: str | Path | None = None,  # where the head was saved (recorded in the layer meta)
     overwrite: bool = False,  # replace entries (or a layer of another head)
     progress: bool = True,    # tqdm bar
 ) -> Path:                    # the cache folder
-    "Write layer 'motion' (y_motion (T', H', W', Dm)) for every clip of the cache."
-    return _export(model, cache_path, "motion", _motion_tensors, batch_size, checkpoint, overwrite, progress, ("y",))
+    """Write the frozen head's outputs for every clip of the cache: a `SemanticAligner` writes layer 'aligner'
+    (w_aligner (N,), saliency_entities (E, T', H', W')), a `MotionHead` layer 'motion' (y_motion (T', H', W', Dm))."""
+    if getattr(model, "kind", None) not in _EXPORTS:
+        raise TypeError(f"export_head needs a SemanticAligner or a MotionHead, got {type(model).__name__}")
+    name, fn, need = _EXPORTS[model.kind]
+    return _export(model, cache_path, name, fn, batch_size, checkpoint, overwrite, progress, need)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sara.aligner import (AlignerConfig, MotionConfig, MotionHead, SemanticAligner, collate_entries, export_motion,
-                          export_saliency, flow_epe, head_digest, info_nce, load_head, merge_saliency, saliency_loss,
+from sara.aligner import (AlignerConfig, MotionConfig, MotionHead, SemanticAligner, collate_entries, export_head,
+                          flow_epe, head_digest, info_nce, load_head, merge_saliency, saliency_loss,
                           save_head, split_entries, toy_entries, train_aligner, train_motion_head)
 
 TOY = Path(__file__).resolve().parents[1] / "data" / "toy" / "manifest.jsonl"
@@ -213,8 +213,8 @@ def test_export_layers_into_cache(tmp_path, entries):
     e = c[0]
     al = SemanticAligner(AlignerConfig(d_vfm=e["y"].shape[-1], d_text=e["entity_emb"].shape[-1]))
     mh = MotionHead(MotionConfig(d_vfm=e["y"].shape[-1]))
-    export_saliency(al, cp, progress=False)
-    export_motion(mh, cp, progress=False, checkpoint="somewhere/head")
+    export_head(al, cp, progress=False)
+    export_head(mh, cp, progress=False, checkpoint="somewhere/head")
     c = open_cache(cp)
     assert c.has_layer("aligner") and c.has_layer("motion")
     assert c.layer_meta("motion")["digest"] == head_digest(mh)
@@ -229,9 +229,9 @@ def test_export_layers_into_cache(tmp_path, entries):
             torch.testing.assert_close(e["y_motion"], mh.motion_features(e["y"][None])[0], **close)
         assert e["w_aligner"].shape == e["w"].shape and e["y_motion"].shape[:3] == e["y"].shape[:3]
     # re-exporting the same head needs overwrite; another head is refused
-    with pytest.raises(FileExistsError): export_saliency(al, cp, progress=False)
-    with pytest.raises(ValueError, match="never mixes heads"): export_saliency(_aligner_like(al), cp, progress=False)
-    export_saliency(al, cp, progress=False, overwrite=True)
+    with pytest.raises(FileExistsError): export_head(al, cp, progress=False)
+    with pytest.raises(ValueError, match="never mixes heads"): export_head(_aligner_like(al), cp, progress=False)
+    export_head(al, cp, progress=False, overwrite=True)
 
 
 def _aligner_like(al):
