@@ -54,9 +54,9 @@ def check_unit_values(
         raise TypeError(f"{name} must have a floating dtype, got {t.dtype} (shape {tuple(t.shape)})")
     if t.numel() == 0: return t
     v = t.detach()
-    bad = int((~torch.isfinite(v)).sum())
-    if bad: raise ValueError(f"{name} (shape {tuple(t.shape)}) has {bad} non-finite value(s) (NaN/inf)")
-    lo, hi = float(v.min()), float(v.max())
+    # one device sync for the three numbers
+    bad, lo, hi = torch.stack([(~torch.isfinite(v)).sum().double(), v.min().double(), v.max().double()]).tolist()
+    if bad: raise ValueError(f"{name} (shape {tuple(t.shape)}) has {int(bad)} non-finite value(s) (NaN/inf)")
     if lo < 0 or hi > 1:
         raise ValueError(f"{name} (shape {tuple(t.shape)}) must lie in [0, 1]; got min={lo:g}, max={hi:g}")
     return t
@@ -167,9 +167,10 @@ def budget_shares(
     check_saliency(w)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold!r}")
-    fg = w.double() >= threshold  # compared in float64: a float16 w must not round the threshold
+    wd = w.double()
+    fg = wd >= threshold  # compared in float64: a float16 w must not round the threshold
     bg = ~fg
-    part = lambda ma, mb: float(block_pair_sum(w.double(), w.double(), op, ma, mb, check=False).sum())
+    part = lambda ma, mb: float(block_pair_sum(wd, wd, op, ma, mb, check=False).sum())
     ff, bb = part(fg, fg), part(bg, bg)
     fb = part(fg, bg) + part(bg, fg)
     tot = ff + fb + bb

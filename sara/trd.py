@@ -14,7 +14,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .routing import check_float_tensor, check_op, check_saliency, pair_weight_total, pair_weights, route
+from .routing import check_float_tensor, check_op, check_saliency, pair_weight_total, route
 
 # %% ../nbs/trd.ipynb #7e069d3b
 def trd_compute_dtype(
@@ -78,12 +78,14 @@ def trd_reference(
     check_finite: bool = True,      # refuse NaN/Inf in p and y (False: they propagate into a non-finite loss)
 ) -> torch.Tensor:                  # 0-dim loss in `trd_compute_dtype(p, y)`
     "Readable TRD loss: materialises the (B, N, N) relation and weight matrices; plain autograd."
-    w = check_trd_inputs(p, y, w, op, margin, check_finite)
+    return _trd_reference(p, y, check_trd_inputs(p, y, w, op, margin, check_finite), op, margin)
+
+def _trd_reference(p, y, w, op, margin):  # `trd_reference` on arguments `check_trd_inputs` has passed
     cdt = trd_compute_dtype(p, y)
     ph, yh = F.normalize(p.to(cdt), dim=-1), F.normalize(y.to(cdt), dim=-1)  # B, N, D
     sp, sy = ph @ ph.transpose(1, 2), yh @ yh.transpose(1, 2)                 # B, N, N
     d = torch.relu((sp - sy).abs() - margin)                                  # B, N, N
-    W = torch.ones_like(d) if w is None else pair_weights(w.to(cdt), op)      # B, N, N
+    W = torch.ones_like(d) if w is None else route(w.to(cdt)[:, :, None], w.to(cdt)[:, None, :], op, check=False)  # B, N, N
     z = W.sum()
     return (W * d).sum() / torch.where(z > 0, z, torch.ones_like(z))  # z == 0 means W == 0: loss 0
 
@@ -155,7 +157,9 @@ def trd_chunked(
 ) -> torch.Tensor:                  # 0-dim loss in `trd_compute_dtype(p, y)`
     """Exact TRD loss streaming (B, block, N) row blocks of the pair matrix: extra memory grows as
     N x block, never N^2. Normalisation runs under autograd outside the custom Function."""
-    w = check_trd_inputs(p, y, w, op, margin, check_finite)
+    return _trd_chunked(p, y, check_trd_inputs(p, y, w, op, margin, check_finite), op, margin, block)
+
+def _trd_chunked(p, y, w, op, margin, block=None):  # `trd_chunked` on arguments `check_trd_inputs` has passed
     B, N = p.shape[:2]
     cdt = trd_compute_dtype(p, y)
     if block is None: block = trd_block_rows(B, N, torch.empty((), dtype=cdt).element_size())
@@ -197,10 +201,9 @@ def trd_loss(
     The Stage 2 loop passes `check_finite=False`: it skips a step whose loss is not finite itself."""
     if not isinstance(impl, str) or impl not in TRD_IMPLS:
         raise ValueError(f"unknown TRD impl {impl!r}; allowed: {', '.join(TRD_IMPLS)}")
-    check_trd_inputs(p, y, w, op, margin, check_finite)
+    w = check_trd_inputs(p, y, w, op, margin, check_finite)  # the only validation: the impls below skip it
     if impl == "auto": impl = trd_auto_impl(p)
     if impl == "triton":
-        from sara.trd_triton import trd_triton  # lazy: sara.trd_triton itself builds on this module
-        return trd_triton(p, y, w, op=op, margin=margin, check_finite=False)  # checked above
-    fn = {"reference": trd_reference, "chunked": trd_chunked}[impl]
-    return fn(p, y, w, op=op, margin=margin, check_finite=False)  # checked above
+        from sara.trd_triton import _trd_fused  # lazy: sara.trd_triton itself builds on this module
+        return _trd_fused(p, y, w, op, margin)
+    return {"reference": _trd_reference, "chunked": _trd_chunked}[impl](p, y, w, op, margin)

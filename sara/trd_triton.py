@@ -15,7 +15,7 @@ import os
 import torch
 
 from .routing import pair_weight_total
-from .trd import check_trd_inputs, trd_chunked
+from .trd import check_trd_inputs, _trd_chunked
 
 try:  # the kernels need triton at import time (TRITON_INTERPRET must be set before this import)
     import triton
@@ -282,7 +282,7 @@ class FusedTRD(torch.autograd.Function):
             sw_b = 0
         else:
             wk = w.detach().to(torch.float32).contiguous()
-            z = pair_weight_total(w.detach().double(), op).sum()
+            z = pair_weight_total(w.detach().double(), op, check=False).sum()  # w checked by the caller
             sw_b = wk.stride(0)
         inv_z = torch.where(z > 0, 1.0 / torch.where(z > 0, z, torch.ones_like(z)), torch.zeros_like(z))
         T = triton.cdiv(N, block_m) if N else 0
@@ -381,7 +381,9 @@ def trd_triton(
     own dtype (as `F.normalize`) and applies the normalisation's gradient itself. Needs CUDA tensors (or
     TRITON_INTERPRET=1 set before triton is imported, for CPU checks). float64 inputs go to
     `sara.trd.trd_chunked`: Triton has no float64 tensor-core `tl.dot`."""
-    w = check_trd_inputs(p, y, w, op, margin, check_finite)
+    return _trd_fused(p, y, check_trd_inputs(p, y, w, op, margin, check_finite), op, margin, block_m, block_d, stripe_rows)
+
+def _trd_fused(p, y, w, op, margin, block_m=None, block_d=None, stripe_rows=None):  # `trd_triton` on checked inputs
     bm = 128 if block_m is None else block_m
     bd = 64 if block_d is None else block_d
     for name, v in (("block_m", bm), ("block_d", bd)):
@@ -390,7 +392,7 @@ def trd_triton(
     if stripe_rows is not None and (isinstance(stripe_rows, bool) or not isinstance(stripe_rows, int) or stripe_rows < 1):
         raise ValueError(f"stripe_rows must be an int >= 1 or None, got {stripe_rows!r}")
     if torch.float64 in (p.dtype, y.dtype):
-        return trd_chunked(p, y, w, op, margin, check_finite=False)
+        return _trd_chunked(p, y, w, op, margin)
     if p.device.type != "cuda" and not _interpreting():
         raise ValueError(f"trd_triton needs CUDA tensors, got p {tuple(p.shape)} on {p.device}; on the CPU "
                          "use sara.trd.trd_chunked, or set TRITON_INTERPRET=1 before triton is imported")
