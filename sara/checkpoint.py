@@ -136,14 +136,15 @@ def latest_checkpoint(
 def set_aside_newer(
     root: str | Path,           # the `checkpoints/` folder of a run
     step: int,                  # the step the run resumes from (0: a fresh start)
+    kind: str,                  # the prefix: "corrupt" (resume="latest" skipped them) or "superseded" (an older folder was named)
     report: Callable[[str], None] = print,  # receives one message per folder moved
 ) -> list[Path]:                # the new names of the folders moved aside
-    "Rename every checkpoint newer than `step` to `corrupt-...` or `superseded-...`, so the resumed run can write its own."
+    """Rename every checkpoint newer than `step` to `<kind>-step_N`, so the resumed run can write its own. The caller
+    knows why they are newer, so nothing is re-hashed here (a Wan2.2 checkpoint is tens of GB)."""
+    if kind not in ("corrupt", "superseded"): raise ValueError(f"kind must be 'corrupt' or 'superseded', got {kind!r}")
     moved = []
     for s, folder in list_checkpoints(root):
         if s <= step: continue
-        try: verify_checkpoint(folder); kind = "superseded"
-        except CorruptCheckpoint: kind = "corrupt"
         dst, k = folder.with_name(f"{kind}-{folder.name}"), 1
         while dst.exists(): dst, k = folder.with_name(f"{kind}-{folder.name}.{k}"), k + 1
         os.replace(folder, dst)

@@ -459,8 +459,9 @@ def train(
     if ck is not None:
         acc.load_state(str(ck))
         print(f"resumed from {ck} at step {state.step}")
-    if main and cfg.resume:   # corrupt (skipped) or newer checkpoints would block the steps this run writes next
-        set_aside_newer(Path(cfg.run_dir) / "checkpoints", state.step)
+    if main and cfg.resume:   # newer checkpoints would block the steps this run writes next; with "latest"
+        # they are newer only because they failed verification, else they were named past on purpose
+        set_aside_newer(Path(cfg.run_dir) / "checkpoints", state.step, "corrupt" if cfg.resume == "latest" else "superseded")
     acc.wait_for_everyone()
     if main:
         truncate_metrics(Path(cfg.run_dir) / "metrics.jsonl", state.step)
