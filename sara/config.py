@@ -6,7 +6,7 @@ Docs: https://sara-workbench.github.io/sara/config.html.md"""
 
 # %% ../nbs/config.ipynb #d83fedaa
 from __future__ import annotations
-import configparser, dataclasses, json, os
+import argparse, configparser, dataclasses, difflib, json, os, sys
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from .routing import ROUTING_OPS  # one source of truth for the allowed values
@@ -14,8 +14,10 @@ from .trd import TRD_IMPLS
 
 # %% auto #0
 __all__ = ['SITE_DEFAULTS', 'SITE_PATH_KEYS', 'METHODS', 'SALIENCY_SOURCES', 'DEVICES', 'LAM_SCHEDULES', 'EXPERTS',
-           'LOSS_WEIGHTINGS', 'MIXED_PRECISION', 'WEIGHTS_DTYPES', 'find_settings', 'site_settings', 'ConfigError',
-           'known_params', 'dataclass_args', 'RunConfig', 'make_config', 'save_config', 'load_config']
+           'LOSS_WEIGHTINGS', 'MIXED_PRECISION', 'WEIGHTS_DTYPES', 'RUN_CHOICES', 'TASKS', 'TINY_FLOW_SHIFT',
+           'A14B_BOUNDARY', 'MODEL_FPS', 'find_settings', 'site_settings', 'ConfigError', 'config_error', 'closest',
+           'known_params', 'notebook_params', 'parse_bool', 'field_help', 'dataclass_args', 'run_cli', 'RunConfig',
+           'wan_facts', 'apply_wan_facts', 'make_config', 'save_config', 'load_config']
 
 # %% ../nbs/config.ipynb #0126f342
 SITE_DEFAULTS = dict(data_root="data/toy", manifest="manifest.jsonl", cache_dir="cache", runs_dir="runs",
@@ -67,6 +69,10 @@ EXPERTS = ("", "high", "low")
 LOSS_WEIGHTINGS = ("none", "bell")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 WEIGHTS_DTYPES = ("float32", "bfloat16")
+# RunConfig fields that take one of a fixed set of values (validation and `--help` read it)
+RUN_CHOICES = dict(method=METHODS, op=ROUTING_OPS, saliency=SALIENCY_SOURCES, trd_impl=TRD_IMPLS, device=DEVICES,
+                   lam_schedule=LAM_SCHEDULES, expert=EXPERTS, loss_weighting=LOSS_WEIGHTINGS,
+                   mixed_precision=MIXED_PRECISION, weights_dtype=WEIGHTS_DTYPES)
 
 class ConfigError(ValueError):
     "A configuration field holds a value that is not allowed (subclasses name their dataclass in `owner`)."
@@ -75,32 +81,114 @@ class ConfigError(ValueError):
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(f"{self.owner}.{field} = {value!r} is not allowed; expected {allowed}")
 
+def config_error(
+    cls,                        # a config dataclass
+) -> type:                      # a `ConfigError` subclass whose messages name `cls`
+    "The `ConfigError` class that names `cls` (`RunConfig` -> `ConfigError` itself)."
+    name = cls.__name__
+    return ConfigError if name == ConfigError.owner else type(f"{name}Error", (ConfigError,), dict(owner=name))
+
+def closest(
+    name: str,                  # a mistyped name
+    known,                      # the names it may have meant
+) -> str | None:                # the nearest known name (difflib ratio >= 0.6), or None
+    "The known name closest to `name`, to suggest in an error."
+    near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return near[0] if near else None
+
 def known_params(
     params: dict | None,        # parameters for the dataclass `cls` (papermill parameters, CLI flags)
     cls,                        # a config dataclass
     error=ConfigError,          # the `ConfigError` subclass that names `cls`
+    extra=(),                   # other names that are allowed too (parameters of a notebook that are not fields)
 ) -> dict:                      # a copy of `params`
-    "Refuse the first key of `params` that is not a field of `cls`, listing the known ones."
+    "Refuse the first key of `params` that is not a field of `cls` (or in `extra`), naming the closest known one."
     params = dict(params or {})
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls)} | set(extra)
     unknown = sorted(set(params) - known)
-    if unknown: raise error(unknown[0], params[unknown[0]], f"a known parameter ({', '.join(sorted(known))})")
+    if unknown:
+        near = closest(unknown[0], known)
+        hint = f"did you mean {near!r}? " if near else ""
+        raise error(unknown[0], params[unknown[0]], f"a known parameter ({hint}known: {', '.join(sorted(known))})")
     return params
+
+
+# %% ../nbs/config.ipynb #4c0cb471
+def notebook_params(
+    before: dict,               # `dict(globals())` taken in the cell just before the parameters cell
+    now: dict,                  # `globals()` in the cell after it (papermill's injected-parameters cell runs in between)
+    cls,                        # the config dataclass the parameters feed
+    extra=(),                   # parameters of the notebook that are not fields of `cls` (e.g. `num_processes`)
+) -> dict:                      # the fields of `cls` the notebook defines, by name
+    """The parameters of a papermill notebook for `cls`. A name the parameters cell or papermill's injected cell set
+    that is neither a field of `cls` nor in `extra` is a `ConfigError` naming the closest field (`-p stesp 3`)."""
+    new = {k: v for k, v in now.items() if not k.startswith("_") and (k not in before or before[k] is not v)}
+    known_params(new, cls, config_error(cls), extra)
+    return {f.name: now[f.name] for f in fields(cls) if f.name in now and f.name not in extra}
+
+
+# %% ../nbs/config.ipynb #d4dbd690
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+def parse_bool(
+    s: str,                     # a command-line value
+) -> bool:
+    "true / false / 1 / 0 (any case); anything else is an `argparse.ArgumentTypeError`."
+    v = _BOOLS.get(str(s).strip().lower())
+    if v is None: raise argparse.ArgumentTypeError(f"expected true, false, 1 or 0, got {s!r}")
+    return v
+
+def field_help(
+    cls,                        # a config dataclass whose fields carry trailing comments (docments)
+    choices: dict | None = None,  # field -> its allowed values
+) -> dict:                      # field -> "comment (default: ...; one of: ...)"
+    "One help line per field: its comment in the dataclass source, its default and its allowed values."
+    from fastcore.docments import docments
+    docs, choices, out = docments(cls), choices or {}, {}
+    for f in fields(cls):
+        allowed = ("true, false, 1, 0" if f.type == "bool" else
+                   ", ".join(repr(a) if a == "" else str(a) for a in choices[f.name]) if f.name in choices else "")
+        out[f.name] = f"{docs.get(f.name) or f.name} (default: {f.default!r}" + (f"; one of: {allowed})" if allowed else ")")
+    return out
+
+class _OneLineParser(argparse.ArgumentParser):
+    "An `ArgumentParser` whose errors are one line (no usage block), suggesting the closest flag for an unknown one."
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            bad = message.split(":", 1)[1].split()[0]
+            near = closest(bad.split("=")[0], [o for o in self._option_string_actions if o.startswith("--")])
+            if near: message += f" (did you mean {near}?)"
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 def dataclass_args(
     cls,                        # a config dataclass whose fields are str, int, float or bool
     argv: list[str] | None,     # command-line arguments (None: `sys.argv[1:]`)
     prog: str,                  # program name for `--help`
     description: str,           # what the program does
+    choices: dict | None = None,  # field -> allowed values, shown in `--help` (validation stays with the config)
 ) -> dict:                      # the fields given on the command line
-    "Parse `--field value` flags for every field of a config dataclass (booleans: true/false, 1/0, yes/no)."
-    import argparse
-    ap = argparse.ArgumentParser(prog=prog, description=description)
-    conv = {"int": int, "float": float, "str": str, "bool": lambda s: s.lower() in ("1", "true", "yes")}
-    for f in fields(cls): ap.add_argument(f"--{f.name}", type=conv[f.type], default=None, metavar=f.type.upper())
+    "Parse `--field value` flags for every field of a config dataclass; `--help` shows each field's comment, default and allowed values."
+    ap = _OneLineParser(prog=prog, description=description, allow_abbrev=False)
+    conv = {"int": int, "float": float, "str": str, "bool": parse_bool}
+    helps = field_help(cls, choices)
+    for f in fields(cls):
+        ap.add_argument(f"--{f.name}", type=conv[f.type], default=None, metavar=f.type.upper(), help=helps[f.name].replace("%", "%%"))
     return {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
 
+def run_cli(
+    prog: str,                  # the command's name, printed before a configuration error
+    main,                       # function of no arguments that does the work
+) -> None:                      # returns None so that the console-script wrapper exits 0
+    "Run a console command: a `ConfigError` prints one line naming the field and exits 2; any other error exits 1."
+    try: main()
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 # %% ../nbs/config.ipynb #c91b0b7c
+TASKS = ("t2v", "ti2v")  # text-to-video; text+image-to-video (TI2V-5B: first latent frame = clean image)
+
 @dataclass
 class RunConfig:
     "Everything a Stage 2 run needs; build it with `make_config` so that site settings fill the blanks."
@@ -113,7 +201,7 @@ class RunConfig:
     lam_warmup_steps: int = 0   # length of the lam warm-up
     lam_cutoff_step: int = 0    # last step with alignment under the cutoff schedule
     margin: float = 0.1         # TRD margin
-    block: int = 1              # index of the DiT block whose hidden states are aligned
+    block: int = 1              # DiT block whose hidden states are aligned, 0-based: VideoREPA's 1-based align_layer minus 1 (its 18 is block=17)
     steps: int = 150            # optimisation steps
     batch_size: int = 2         # clips per step
     lr: float = 1e-4            # AdamW learning rate (DiT and projector)
@@ -127,9 +215,12 @@ class RunConfig:
     n_frames: int = 17          # frames per clip fed to the Wan VAE (4k+1)
     height: int = 64            # frame height (multiple of 16)
     width: int = 64             # frame width (multiple of 16)
-    flow_shift: float = 3.0     # timestep shift of Wan's flow-matching schedule (tiny models; directories bring their own)
+    flow_shift: float = 0.0     # timestep shift of the flow-matching schedule (0: from the model: its scheduler config, 3.0 for tiny)
+    fps: int = 0                # frame rate clips are sampled at (0: from the model: 24 TI2V-5B, 16 A14B; tiny: the clip's own)
+    task: str = "t2v"           # t2v (text only) | ti2v (the first latent frame is the clean conditioning image, TI2V-5B)
+    text_dropout: float = 0.0   # probability of replacing a prompt by the empty prompt (classifier-free guidance)
     loss_weighting: str = "none"  # flow-matching loss weight over timesteps: none | bell
-    expert: str = ""            # A14B: "" (one DiT) | high (transformer, t >= boundary) | low (transformer_2, t < boundary)
+    expert: str = ""            # A14B (required there): high (transformer, t >= boundary) | low (transformer_2, t < boundary); "" = one DiT
     trd_impl: str = "auto"      # auto | reference | chunked | triton (auto: triton on CUDA, chunked elsewhere)
     targets_in_loop: bool = False  # ablation: recompute the VFM target in every step instead of reading the cache
     mixed_precision: str = "no" # accelerate mixed precision: no | bf16 | fp16
@@ -167,7 +258,7 @@ class RunConfig:
         choice("method", METHODS); choice("op", ROUTING_OPS); choice("saliency", SALIENCY_SOURCES)
         choice("trd_impl", TRD_IMPLS); choice("device", DEVICES); choice("lam_schedule", LAM_SCHEDULES)
         choice("expert", EXPERTS); choice("loss_weighting", LOSS_WEIGHTINGS); choice("mixed_precision", MIXED_PRECISION)
-        choice("weights_dtype", WEIGHTS_DTYPES)
+        choice("weights_dtype", WEIGHTS_DTYPES); choice("task", TASKS)
         if self.targets_in_loop and self.method == "moalign":
             raise ConfigError("targets_in_loop", True, "False for moalign (its target comes from the Stage 1 motion layer)")
         for k in ("lam_warmup_steps", "lam_cutoff_step", "warmup_steps", "lora_rank", "checkpoint_every", "keep_last",
@@ -188,7 +279,9 @@ class RunConfig:
         if self.n_frames < 1 or (self.n_frames - 1) % 4: raise ConfigError("n_frames", self.n_frames, "4k+1 frames (Wan's VAE compresses time 4x), e.g. 17, 33, 81")
         for k in ("height", "width"):
             if getattr(self, k) < 16 or getattr(self, k) % 16: raise ConfigError(k, getattr(self, k), "a positive multiple of 16 (VAE 8x, DiT patch 2)")
-        if not self.flow_shift > 0: raise ConfigError("flow_shift", self.flow_shift, "a number > 0")
+        if not self.flow_shift >= 0: raise ConfigError("flow_shift", self.flow_shift, "a number > 0 (0: the model's own shift)")
+        if self.fps < 0: raise ConfigError("fps", self.fps, "a frame rate >= 0 (0: the model's own)")
+        if not (0 <= self.text_dropout < 1): raise ConfigError("text_dropout", self.text_dropout, "a probability in [0, 1)")
         return self
 
     @property
@@ -198,12 +291,73 @@ class RunConfig:
 
     def to_dict(self) -> dict: return asdict(self)
 
+# %% ../nbs/config.ipynb #961c3557
+TINY_FLOW_SHIFT = 3.0                    # shift of the tiny models (Wan2.1 T2V's shipped value; diffusers' converter)
+A14B_BOUNDARY = dict(t2v=0.875, i2v=0.9) # Wan2.2 A14B expert boundaries when model_index.json has none
+MODEL_FPS = dict(ti2v_5b=24, other=16)   # Wan2.2 sample_fps: TI2V-5B 24, A14B (and Wan2.1) 16
+
+def _read_json(path: Path) -> dict:
+    "A JSON config file of a model directory ({} when absent); a broken one names the file."
+    if not path.is_file(): return {}
+    try: return json.loads(path.read_text())
+    except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+def wan_facts(
+    wan_model: str,   # "tiny" or a diffusers-format Wan2.2 directory
+) -> dict:            # spatial, patch, multiple (h, w), shift, fps, experts, boundary, ti2v, where
+    "What a run needs to know about a Wan model before loading it, read from its JSON configs (no weights)."
+    if wan_model == "tiny":
+        return dict(spatial=8, patch=(1, 2, 2), multiple=(16, 16), shift=TINY_FLOW_SHIFT, fps=0, experts=False,
+                    boundary=None, ti2v=True, where="the tiny Wan (VAE 8x, patch 2)")
+    root = Path(str(wan_model)).expanduser()
+    if not root.is_dir(): raise FileNotFoundError(f"Wan model {wan_model!r} is neither 'tiny' nor an existing directory")
+    vae = _read_json(root / "vae" / "config.json")
+    if not vae: raise FileNotFoundError(f"Wan directory {root} has no vae/config.json (diffusers layout expected)")
+    z48 = vae.get("z_dim") == 48                                        # Wan2.2's TI2V VAE (16x spatial, 48 channels)
+    spatial = int(vae.get("scale_factor_spatial") or (16 if z48 else 8))
+    patch = tuple(int(p) for p in _read_json(root / "transformer" / "config.json").get("patch_size", (1, 2, 2)))
+    sched = _read_json(root / "scheduler" / "scheduler_config.json")
+    index = _read_json(root / "model_index.json")
+    experts = (root / "transformer_2").is_dir()
+    boundary = None
+    if experts:
+        boundary = index.get("boundary_ratio")
+        if boundary is None: boundary = A14B_BOUNDARY["i2v" if "ImageToVideo" in index.get("_class_name", "") else "t2v"]
+    shift = sched.get("shift", sched.get("flow_shift"))
+    return dict(spatial=spatial, patch=patch, multiple=(spatial * patch[1], spatial * patch[2]),
+                shift=None if shift is None else float(shift), fps=MODEL_FPS["ti2v_5b" if z48 else "other"],
+                experts=experts, boundary=None if boundary is None else float(boundary),
+                ti2v=bool(index.get("expand_timesteps")), where=f"{root} (VAE {spatial}x, patch {patch[1]})")
+
+def apply_wan_facts(
+    cfg,                  # a validated `RunConfig`; changed in place
+    facts: dict | None = None,  # `wan_facts(cfg.wan_model)` (read when None)
+):                        # `cfg`, with flow_shift and fps resolved
+    "Refuse what the model cannot do (size, missing expert, task), fill flow_shift and fps from the model; idempotent."
+    f = wan_facts(cfg.wan_model) if facts is None else facts
+    for k, m in zip(("height", "width"), f["multiple"]):
+        if getattr(cfg, k) % m: raise ConfigError(k, getattr(cfg, k), f"a multiple of {m}: the pixels per DiT token of {f['where']}")
+    if f["experts"] and not cfg.expert:
+        raise ConfigError("expert", cfg.expert, f"'high' or 'low': {cfg.wan_model} has two experts (transformer_2/), "
+                          f"split at boundary_ratio={f['boundary']}")
+    if cfg.expert and not f["experts"]:
+        raise ConfigError("expert", cfg.expert, "'' for a model without transformer_2/ (TI2V-5B, tiny): only A14B has experts")
+    if cfg.task == "ti2v" and not f["ti2v"]:
+        raise ConfigError("task", cfg.task, f"'t2v': {cfg.wan_model} does not condition on a clean first latent "
+                          "(model_index.json has no expand_timesteps=true, as TI2V-5B's has)")
+    if cfg.flow_shift == 0:
+        if f["shift"] is None: raise ConfigError("flow_shift", 0.0, f"a number > 0: {cfg.wan_model} has no scheduler shift to take")
+        cfg.flow_shift = f["shift"]
+    if cfg.fps == 0: cfg.fps = f["fps"]
+    return cfg
+
+
 # %% ../nbs/config.ipynb #b8816675
 def make_config(
     params: dict | None = None,      # run parameters (e.g. the papermill parameters); unknown keys are an error
     settings: dict | None = None,    # site settings (default: `site_settings()` from the working directory)
 ) -> RunConfig:                      # validated, with every path and model location resolved
-    "Build the validated `RunConfig` from run parameters, filling blanks from the site settings."
+    "Build the validated `RunConfig` from run parameters, filling blanks from the site settings and the Wan model (`apply_wan_facts`)."
     cfg = RunConfig(**known_params(params, RunConfig, ConfigError))
     cfg.validate()
     s = site_settings() if settings is None else settings
@@ -215,7 +369,10 @@ def make_config(
     if cfg.resume not in ("", "latest"): cfg.resume = str((root / cfg.resume).resolve())
     cfg.manifest = str(Path(cfg.data_root) / cfg.manifest)
     cfg.run_dir = str((root / cfg.run_dir).resolve()) if cfg.run_dir else str(Path(cfg.runs_dir) / cfg.run_name)
-    return cfg
+    try: return apply_wan_facts(cfg)   # sizes, expert, task checked and flow_shift, fps resolved before any work
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, ConfigError): raise
+        raise ConfigError("wan_model", cfg.wan_model, f"a readable Wan model ({e})") from None
 
 # %% ../nbs/config.ipynb #978f09f0
 def save_config(
