@@ -27,21 +27,25 @@ from tqdm.auto import tqdm
 from .config import ConfigError, dataclass_args, known_params, site_settings
 from .data import ClipDataset, atomic_path, frame_indices, load_video, resize_video
 from .masks import MASK_PROVIDERS, MERGE_RULES, flow_to_grid, merge_entities, reduce_to_grid
+from .grids import ALIGNMENT, target_frames
 
 # %% auto #0
-__all__ = ['CACHE_FORMAT', 'MASK_SOURCES', 'FLOW_SOURCES', 'DTYPES', 'PRECOMPUTE_DEVICES', 'BASE_FIELDS', 'CONTENT_FIELDS',
-           'LAYER_FORMAT', 'PrecomputeConfigError', 'PrecomputeConfig', 'make_precompute_config', 'content_settings',
-           'settings_key', 'cache_path', 'tensor_digest', 'file_digest', 'SettingsMismatchError', 'CacheCorruptError',
-           'write_json_atomic', 'read_index', 'check_settings', 'resolve_precompute_device', 'PrecomputeModels',
-           'build_precompute_models', 'load_item', 'encode_clip', 'write_shard', 'read_entry', 'cache_lock',
-           'precompute', 'TargetCache', 'open_cache', 'write_layer', 'precompute_cli']
+__all__ = ['CACHE_FORMAT', 'MASK_SOURCES', 'FLOW_SOURCES', 'DTYPES', 'PRECOMPUTE_DEVICES', 'PRECOMPUTE_CHOICES', 'BASE_FIELDS',
+           'CONTENT_FIELDS', 'LAYER_FORMAT', 'PrecomputeConfigError', 'PrecomputeConfig', 'make_precompute_config',
+           'content_settings', 'settings_key', 'cache_path', 'tensor_digest', 'file_digest', 'SettingsMismatchError',
+           'CacheCorruptError', 'write_json_atomic', 'read_index', 'check_settings', 'resolve_precompute_device',
+           'PrecomputeModels', 'build_precompute_models', 'load_item', 'encode_clip', 'write_shard', 'read_entry',
+           'cache_lock', 'precompute', 'TargetCache', 'open_cache', 'write_layer', 'precompute_cli']
 
 # %% ../nbs/precompute.ipynb #6970b13f
-CACHE_FORMAT = "sara-cache/1"  # written in every index; a reader refuses other formats
+CACHE_FORMAT = "sara-cache/2"  # written in every index; a reader refuses other formats (1: before the exact grid alignment of `sara.grids`)
 MASK_SOURCES = MASK_PROVIDERS  # toy: the manifest's masks files; sam3, sam2: `sara.masks.build_mask_provider`
 FLOW_SOURCES = ("files", "none", "raft_small", "raft_large")  # files: <data_root>/flow/<id>.safetensors where present
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PRECOMPUTE_DEVICES = ("auto", "cpu", "cuda")
+# PrecomputeConfig fields that take one of a fixed set of values (shown by `sara-precompute --help`)
+PRECOMPUTE_CHOICES = dict(masks=MASK_SOURCES, flow=FLOW_SOURCES, merge=MERGE_RULES, y_dtype=tuple(DTYPES),
+                          compute_dtype=tuple(DTYPES), device=PRECOMPUTE_DEVICES)
 BASE_FIELDS = ("latents", "prompt", "prompt_mask", "y", "masks_grid", "w", "entity_emb", "caption_emb", "flow_grid")
 
 class PrecomputeConfigError(ConfigError):
@@ -76,12 +80,13 @@ class PrecomputeConfig:
     device: str = "auto"       # auto | cpu | cuda
     progress: bool = True      # show a tqdm progress bar
     verify: bool = True        # on resume, verify the checksums of finished shards (False: only check that they exist)
+    max_failed_fraction: float = 0.05  # clips that fail (missing or unreadable video, bad masks) tolerated, as a fraction of the manifest: beyond it the pass fails listing them; below it they are skipped and listed
 
     def validate(self) -> "PrecomputeConfig":
         "Check every field; raise `PrecomputeConfigError` naming the first bad one."
         for f in fields(self):
-            v, t = getattr(self, f.name), {"str": str, "int": int, "bool": bool}[f.type]
-            if not isinstance(v, t) or (f.type == "int" and isinstance(v, bool)):
+            v, t = getattr(self, f.name), {"str": str, "int": int, "float": (int, float), "bool": bool}[f.type]
+            if not isinstance(v, t) or (f.type in ("int", "float") and isinstance(v, bool)):
                 raise PrecomputeConfigError(f.name, v, f"a value of type {f.type}")
         if "/" in self.name or self.name in (".", ".."): raise PrecomputeConfigError("name", self.name, "a folder name without '/'")
         if self.n_frames < 1 or (self.n_frames - 1) % 4:
@@ -100,6 +105,8 @@ class PrecomputeConfig:
             if getattr(self, k) not in DTYPES: raise PrecomputeConfigError(k, getattr(self, k), f"one of {', '.join(DTYPES)}")
         if self.shard_size < 1: raise PrecomputeConfigError("shard_size", self.shard_size, "an integer >= 1")
         if self.limit < 0: raise PrecomputeConfigError("limit", self.limit, "an integer >= 0 (0 = every clip)")
+        if not 0 <= self.max_failed_fraction <= 1:
+            raise PrecomputeConfigError("max_failed_fraction", self.max_failed_fraction, "a fraction in [0, 1] (0: any failed clip fails the pass)")
         if self.device not in PRECOMPUTE_DEVICES: raise PrecomputeConfigError("device", self.device, f"one of {', '.join(PRECOMPUTE_DEVICES)}")
         for k in ("embedder",):
             if not getattr(self, k): raise PrecomputeConfigError(k, getattr(self, k), "a non-empty model name or directory")
@@ -129,8 +136,8 @@ CONTENT_FIELDS = ("manifest", "n_frames", "height", "width", "wan_model", "vfm_m
 def content_settings(
     cfg: PrecomputeConfig,  # a resolved configuration
 ) -> dict:                  # the settings an entry's content depends on, plus the cache format
-    "The fields of `cfg` that change the content of a cache entry."
-    return dict(format=CACHE_FORMAT, **{k: getattr(cfg, k) for k in CONTENT_FIELDS})
+    "The fields of `cfg` that change the content of a cache entry, the cache format and the grid-alignment convention."
+    return dict(format=CACHE_FORMAT, alignment=ALIGNMENT, **{k: getattr(cfg, k) for k in CONTENT_FIELDS})
 
 def settings_key(
     cfg: PrecomputeConfig | dict,  # a resolved configuration, or its `content_settings`
@@ -190,6 +197,10 @@ def read_index(
     if not f.is_file(): raise FileNotFoundError(f"no cache index at {f}; build the cache with `precompute` first")
     try: idx = json.loads(f.read_text())
     except json.JSONDecodeError as e: raise CacheCorruptError(f"{f}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(idx, dict) and idx.get("format") == "sara-cache/1":
+        raise SettingsMismatchError(f"{f}: this cache was made before the exact grid alignment (format 'sara-cache/1': its "
+                                    "target encoder saw frames 0..T-2, misaligned with the DiT's latents); rebuild it with "
+                                    "sara-precompute (the new cache goes to a new folder; this one is left as it is)")
     if not isinstance(idx, dict) or idx.get("format") != CACHE_FORMAT:
         raise CacheCorruptError(f"{f}: format {idx.get('format') if isinstance(idx, dict) else None!r} is not {CACHE_FORMAT!r}")
     for k in ("settings", "key", "entries", "shards", "failed", "order"):
@@ -325,21 +336,21 @@ def encode_clip(
         entity_emb = models.embedder.embed(list(item["entities"])).float()      # E, De
         caption_emb = models.embedder.embed([item["caption"]])[0].float()       # De
     with _stage(timings, "vfm", dev):
-        y = models.vfm(video)[0]                                                 # T', H', W', D
+        y = models.vfm(target_frames(video))[0]                                  # T', H', W', D from frames 1..T-1
     with _stage(timings, "masks", dev):
         masks = item.get("masks")
         if masks is None:
             raise ValueError(f"{where}: no masks; mask source 'toy' reads the manifest's 'masks' file, which this clip lacks")
         if masks.shape[0] != len(item["entities"]):
             raise ValueError(f"{where}: {masks.shape[0]} mask planes for {len(item['entities'])} entities {item['entities']}")
-        t_used = geo.usable_frames(masks.shape[1])                               # the frames the VFM saw
-        masks_grid = reduce_to_grid(masks[:, :t_used].to(dev), geo.tubelet, geo.patch).float()  # E, T', H', W'
+        t_used = 1 + geo.usable_frames(masks.shape[1] - 1)                       # the VFM saw frames 1..t_used-1 (`sara.grids`)
+        masks_grid = reduce_to_grid(masks[:, 1:t_used].to(dev), geo.tubelet, geo.patch).float()  # E, T', H', W'
         if tuple(masks_grid.shape[1:]) != tuple(y.shape[:3]):
             raise ValueError(f"{where}: mask grid {tuple(masks_grid.shape[1:])} differs from the VFM grid {tuple(y.shape[:3])}")
         w = merge_entities(masks_grid, models.merge, entity_dim=0).flatten()     # N
         empty = [e for e, g in zip(item["entities"], masks_grid) if not bool(g.amax() > 0)]
         flow = item.get("flow")
-        flow_grid = None if flow is None else flow_to_grid(flow[:t_used], geo.tubelet, geo.patch)  # T', H', W', 2
+        flow_grid = None if flow is None else flow_to_grid(flow[1:t_used], geo.tubelet, geo.patch)  # T', H', W', 2
     out = dict(latents=latents, prompt=prompt[0].float(), prompt_mask=pmask[0].bool(),
                y=y.to(models.y_dtype), masks_grid=masks_grid, w=w.float(), entity_emb=entity_emb, caption_emb=caption_emb)
     if flow_grid is not None: out["flow_grid"] = flow_grid

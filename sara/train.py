@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 
-from .config import RunConfig, make_config, save_config, ConfigError, dataclass_args
+from .config import RunConfig, make_config, save_config, ConfigError, dataclass_args, notebook_params, run_cli, RUN_CHOICES
 from .checkpoint import write_checkpoint, latest_checkpoint, verify_checkpoint, set_aside_newer
-from .wan import (build_wan, dit_grid, FeatureTap, Projector, resample_tokens, sample_sigmas, expert_window,
+from .wan import (build_wan, dit_grid, FeatureTap, Projector, sample_sigmas, expert_window,
                       loss_weights, flow_matching_pair, flow_matching_loss, dit_forward)
 from .trd import trd_loss
+from .grids import GridMap, align_dit, align_target, target_frames
 from .routing import budget_shares
 
 # %% auto #0
@@ -255,8 +256,12 @@ def step_losses(
     fm = flow_matching_loss(pred, target, loss_weights(models.wan.scheduler, timesteps, cfg.loss_weighting))
     if op is None: trd = fm.new_zeros(())
     else:
-        p = resample_tokens(feats, dit_grid(dit, x0.shape), batch["grid"])   # B, N, D
-        trd = trd_loss(p, batch["y"], w=batch["w"] if op != "uniform" else None, op=op, margin=cfg.margin, impl=cfg.trd_impl,
+        t_factor = models.wan.vae.config.scale_factor_temporal or 4
+        gm = GridMap(t_factor * (x0.shape[2] - 1) + 1, dit_grid(dit, x0.shape), batch["grid"], t_factor)  # `sara.grids`
+        p = align_dit(feats, gm)                                             # B, N, D: latent 0 dropped, each latent facing its tubelets
+        y = align_target(batch["y"], gm)                                     # B, N, D: pooled in space where the target is finer
+        w = align_target(batch["w"], gm) if op != "uniform" else None        # B, N
+        trd = trd_loss(p, y, w=w, op=op, margin=cfg.margin, impl=cfg.trd_impl,
                        check_finite=False)  # a NaN/Inf loss is skipped by the loop, not raised here
     return dict(fm=fm, trd=trd, total=fm + lam * trd)
 
@@ -480,7 +485,7 @@ def train(
             if cfg.targets_in_loop:   # ablation: recompute the frozen target inside the step
                 with torch.no_grad():
                     video = torch.stack([clips[clip_pos[targets[j]["id"]]]["video"] for j in idx]).to(device)  # B, T, C, H, W
-                    batch["y"] = models.vfm(video).flatten(1, 3)                                                # B, N, D
+                    batch["y"] = models.vfm(target_frames(video)).flatten(1, 3)                                                # B, N, D
             n_tok = n_tok or batch["latents"].shape[0] * math.prod(dit_grid(models.dit, batch["latents"].shape))
             lam = lam_at(step, cfg)
             with acc.autocast():
@@ -528,7 +533,7 @@ def run_validation(
     step: int,          # current step (folder name)
 ) -> Path:              # the folder with the mp4 files
     "Sample the validation prompts with WanPipeline and write them as mp4 (no gradients; training mode restored)."
-    from sara.evaluate import sample_clips
+    from sara.sampling import sample_clips
     from sara.precompute import open_cache
     out = Path(cfg.run_dir) / "validation" / f"step_{step:06d}"
     dit = models.dit
@@ -561,9 +566,13 @@ def cli_args(cfg: RunConfig) -> list[str]:  # `--field value` for every field of
     return [a for f in fields(RunConfig) for a in (f"--{f.name}", str(getattr(cfg, f.name)))]
 
 def train_cli(argv: list[str] | None = None):  # command-line arguments (default: `sys.argv[1:]`)
-    "Console entry point `sara-train` (and `python -m sara.train`): every `RunConfig` field is a `--flag`."
-    out = train(make_config(dataclass_args(RunConfig, argv, "sara-train", "Stage 2 training of the SARA workbench")))
-    if out["metrics"]: print(json.dumps(dict(run_dir=out["run_dir"], last=out["metrics"][-1])))
+    """Console entry point `sara-train` (and `python -m sara.train`): every `RunConfig` field is a `--flag`.
+    Exits 0 on success, 2 with one line naming the field on a configuration error, 1 on a failure."""
+    def main():
+        cfg = make_config(dataclass_args(RunConfig, argv, "sara-train", "Stage 2 training of the SARA workbench", RUN_CHOICES))
+        out = train(cfg)
+        if out["metrics"]: print(json.dumps(dict(run_dir=out["run_dir"], last=out["metrics"][-1])))
+    run_cli("sara-train", main)
 
 def launch(
     cfg: RunConfig,               # the run
@@ -575,6 +584,7 @@ def launch(
     if accelerate_config: cmd += ["--config_file", accelerate_config]
     cmd += ["-m", "sara.train", *cli_args(cfg)]
     return subprocess.run(cmd, check=True)
+
 
 # %% ../nbs/train.ipynb #e4149e76
 if __name__ == "__main__" and "__file__" in globals(): train_cli()  # `python -m sara.train`, not the notebook itself

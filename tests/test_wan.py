@@ -3,11 +3,12 @@ import json
 
 import pytest
 import torch
+from sara.grids import GridMap, align_dit
 import torch.utils.checkpoint as cp
 from diffusers import UniPCMultistepScheduler
 
 from sara.wan import (FeatureTap, Projector, WanParts, build_wan, dit_forward, dit_grid, encode_video,
-                      flow_matching_loss, flow_matching_pair, latent_stats, resample_tokens, sample_sigmas,
+                      flow_matching_loss, flow_matching_pair, latent_stats, sample_sigmas,
                       tiny_wan_configs, training_sigmas)
 
 
@@ -51,8 +52,8 @@ def test_chain_shapes(wan, video, latents):
     assert pred.shape == latents.shape
     feats = tap.features
     assert feats.shape == (1, 80, 32)
-    p = resample_tokens(Projector(32, 64)(feats), grid, (8, 8, 8))
-    assert p.shape == (1, 512, 64)
+    p = align_dit(Projector(32, 64)(feats), GridMap(17, grid, (8, 8, 8)))   # tiny V-JEPA 2 grid of frames 1..16
+    assert p.shape == (1, 8 * 4 * 4, 64)
     assert flow_matching_loss(pred, target).ndim == 0
 
 
@@ -154,23 +155,6 @@ def test_dit_grid_errors(wan):
     assert dit_grid(wan.transformer, (21, 30, 52)) == (21, 15, 26)   # DESIGN.md's 480p numbers
     with pytest.raises(ValueError, match="W_lat=7"):
         dit_grid(wan.transformer, (1, 8, 5, 8, 7))
-
-
-def test_resample_tokens():
-    x = torch.randn(2, 60, 5)
-    assert resample_tokens(x, (3, 4, 5), (3, 4, 5)) is x
-    y = resample_tokens(x, (3, 4, 5), (6, 8, 10))
-    assert y.shape == (2, 480, 5)
-    # a constant field stays constant; a field varying along w only keeps varying along w only
-    c = torch.ones(1, 60, 2)
-    torch.testing.assert_close(resample_tokens(c, (3, 4, 5), (8, 8, 8)), torch.ones(1, 512, 2))
-    ramp = torch.arange(5.0).repeat(12).view(1, 60, 1)
-    r = resample_tokens(ramp, (3, 4, 5), (2, 2, 5)).view(2, 2, 5)
-    torch.testing.assert_close(r, torch.arange(5.0).expand(2, 2, 5))
-    with pytest.raises(ValueError, match=r"N=60.*\(3, 4, 6\).*72"):
-        resample_tokens(x, (3, 4, 6), (8, 8, 8))
-    with pytest.raises(ValueError, match=r"\(B, N, C\)"):
-        resample_tokens(x[0], (3, 4, 5), (8, 8, 8))
 
 
 def test_projector():
