@@ -8,7 +8,7 @@ N=${1:-192}; STEPS=${2:-300}; WORK=${3:-/tmp/sara-stage1}
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"; BIN="$ROOT/.venv/bin"
 export HF_HUB_OFFLINE=1
 mkdir -p "$WORK"
-[ -f "$WORK/data/manifest.jsonl" ] || "$BIN/python" -c "from sara.data import make_toy_world; make_toy_world('$WORK/data', n_clips=$N, with_flow=True)"
+[ -f "$WORK/data/manifest.jsonl" ] || "$BIN/python" -c "from sara.toy import make_toy_world; make_toy_world('$WORK/data', n_clips=$N, with_flow=True)"
 CACHE=$("$BIN/python" -c "
 from sara.precompute import precompute
 print(precompute(dict(data_root='$WORK/data', cache_dir='$WORK/cache', progress=False)))" | tail -1)

@@ -1,4 +1,4 @@
-"""The clip manifest, video decoding and encoding, frame sampling and resizing, entity-mask files, a torch `Dataset`, and the toy world generator.
+"""The clip manifest, video decoding and encoding, frame sampling and resizing, entity-mask files and a torch `Dataset`.
 
 Docs: https://sara-workbench.github.io/sara/data.html.md"""
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import re
 import uuid
@@ -26,11 +25,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 # %% auto #0
-__all__ = ['ENTITY_PROMPT', 'TOY_BACKGROUND', 'TOY_COLOURS', 'TOY_SHAPES', 'atomic_path', 'ClipRecord', 'check_prompts',
-           'read_manifest', 'parse_entity_list', 'EntityExtractor', 'load_video', 'write_video', 'frame_indices',
-           'sample_frames', 'resize_video', 'save_masks', 'read_mask_entities', 'load_masks', 'check_masks',
-           'ClipDataset', 'collate_clips', 'render_toy_clip', 'render_toy_clip_with_flow', 'flow_path', 'save_flow',
-           'load_flow', 'find_flow', 'make_toy_world', 'write_toy_flow']
+__all__ = ['ENTITY_PROMPT', 'atomic_path', 'ClipRecord', 'check_prompts', 'read_manifest', 'parse_entity_list', 'EntityExtractor',
+           'load_video', 'write_video', 'frame_indices', 'sample_frames', 'resize_video', 'save_masks',
+           'read_mask_entities', 'load_masks', 'check_masks', 'ClipDataset', 'collate_clips', 'flow_path', 'save_flow',
+           'load_flow', 'find_flow']
 
 # %% ../nbs/data.ipynb #beb43d5c
 @contextmanager
@@ -520,111 +518,7 @@ def collate_clips(
                 entities=[it["entities"] for it in items], line=[it["line"] for it in items],
                 video=video, masks=masks, entity_mask=entity_mask, has_masks=has_masks)
 
-# %% ../nbs/data.ipynb #a174ffa9
-TOY_BACKGROUND = (16, 16, 24)
-TOY_COLOURS = {"red": (220, 40, 40), "green": (40, 190, 70), "blue": (50, 90, 235), "yellow": (235, 205, 35),
-               "purple": (150, 60, 200), "orange": (245, 130, 20), "white": (235, 235, 235)}
-TOY_SHAPES = ("circle", "square", "triangle")
-
-def _shape_mask(shape: str, cx: float, cy: float, r: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    "Pixels (centres at +0.5) covered by `shape` with bounding radius `r` centred at (cx, cy)."
-    dx, dy = xx - cx, yy - cy
-    if shape == "circle": return dx * dx + dy * dy <= r * r
-    if shape == "square": a = 0.8 * r; return (np.abs(dx) <= a) & (np.abs(dy) <= a)
-    # equilateral triangle pointing up (image y grows downwards), vertices on the bounding circle
-    v = [(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-    inside = np.ones_like(dx, dtype=bool)
-    for (x0, y0), (x1, y1) in zip(v, v[1:] + v[:1]):
-        inside &= (x1 - x0) * (dy - y0) - (y1 - y0) * (dx - x0) >= 0
-    return inside
-
-def _article(name: str) -> str: return ("an " if name[0] in "aeiou" else "a ") + name
-
-def _toy_caption(names: list[str], hits: list[tuple[int, int]]) -> str:
-    "Caption from entity names and the colliding pairs in order of first collision."
-    if not hits:
-        listed = [_article(n) for n in names]
-        return (", ".join(listed[:-1]) + " and " + listed[-1]) + " drift apart"
-    said, clauses = set(), []
-    def say(k):
-        out = ("the " + names[k]) if k in said else _article(names[k]); said.add(k); return out
-    for i, j in hits: clauses.append(f"{say(i)} bounces off {say(j)}")
-    rest = [_article(names[k]) for k in range(len(names)) if k not in said]
-    tail = f" while {rest[0]} drifts by" if rest else ""
-    return ", then ".join(clauses) + tail
-
-# %% ../nbs/data.ipynb #6f64f7bd
-def _render_toy(rng: np.random.Generator, n_frames: int, size, with_flow: bool):
-    "The toy renderer; `with_flow` adds the exact forward flow without touching the random stream."
-    H, W = (size, size) if isinstance(size, int) else size
-    side = min(H, W)
-    E = 3 if rng.random() < 0.3 else 2
-    shapes = [TOY_SHAPES[k] for k in rng.integers(0, len(TOY_SHAPES), E)]
-    colours = [list(TOY_COLOURS)[k] for k in rng.choice(len(TOY_COLOURS), E, replace=False)]
-    names = [f"{c} {s}" for c, s in zip(colours, shapes)]
-    r = rng.uniform(0.10, 0.15, E) * side                       # bounding radii
-    pos = np.zeros((E, 2))                                      # (x, y), non-overlapping start
-    for k in range(E):
-        for _ in range(1000):
-            pos[k] = rng.uniform(r[k], W - r[k]), rng.uniform(r[k], H - r[k])
-            if all(np.hypot(*(pos[k] - pos[j])) > r[k] + r[j] + 2 for j in range(k)): break
-    ang = rng.uniform(0, 2 * math.pi, E)
-    if rng.random() < 0.4:                                      # some clips: aim shape 0 at shape 1
-        d = pos[1] - pos[0]; ang[0] = math.atan2(d[1], d[0]) + rng.normal(0, 0.15)
-    vel = np.stack([np.cos(ang), np.sin(ang)], 1) * rng.uniform(0.025, 0.05, (E, 1)) * side
-    yy, xx = np.mgrid[0:H, 0:W] + 0.5
-    frames = np.empty((n_frames, H, W, 3), np.uint8)
-    masks = np.zeros((E, n_frames, H, W), bool)
-    disp = np.zeros((n_frames, E, 2))                           # displacement (dx, dy) of each shape from t to t+1
-    hits: list[tuple[int, int]] = []
-    for t in range(n_frames):
-        frames[t] = TOY_BACKGROUND
-        for k in range(E):                                      # later shapes occlude earlier ones
-            m = _shape_mask(shapes[k], pos[k, 0], pos[k, 1], r[k], yy, xx)
-            frames[t][m] = TOY_COLOURS[colours[k]]
-            masks[:k, t] &= ~m
-            masks[k, t] = m
-        if t == n_frames - 1: break
-        before = pos.copy()
-        pos += vel
-        for k in range(E):                                      # walls
-            for ax, lim in ((0, W), (1, H)):
-                if pos[k, ax] < r[k]: pos[k, ax], vel[k, ax] = 2 * r[k] - pos[k, ax], abs(vel[k, ax])
-                elif pos[k, ax] > lim - r[k]: pos[k, ax], vel[k, ax] = 2 * (lim - r[k]) - pos[k, ax], -abs(vel[k, ax])
-        for i in range(E):                                      # each other
-            for j in range(i + 1, E):
-                d = pos[j] - pos[i]; dist = np.hypot(*d)
-                approach = np.dot(vel[j] - vel[i], d)
-                if dist < r[i] + r[j] and approach < 0 and dist > 0:
-                    n = d / dist; dv = np.dot(vel[i] - vel[j], n) * n
-                    vel[i] -= dv; vel[j] += dv
-                    if (i, j) not in hits: hits.append((i, j))
-        disp[t] = pos - before
-    out = (torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(masks),
-           _toy_caption(names, hits), names)
-    if not with_flow: return out
-    if n_frames > 1: disp[-1] = disp[-2]                        # last frame: the velocity it arrived with
-    flow = np.einsum("etij,tec->tcij", masks.astype(np.float32), disp.astype(np.float32))  # T, 2, H, W
-    return (*out, torch.from_numpy(np.ascontiguousarray(flow, dtype=np.float32)))
-
-def render_toy_clip(
-    rng: np.random.Generator,   # source of randomness (the clip is a pure function of its state)
-    n_frames: int = 17,         # frames to render
-    size: int | tuple[int, int] = 64, # frame side, or (height, width)
-) -> tuple[torch.Tensor, torch.Tensor, str, list[str]]: # frames uint8 (T, 3, H, W), masks bool (E, T, H, W), caption, entities
-    "Render one toy clip of 2-3 bouncing shapes with exact visible-pixel masks."
-    return _render_toy(rng, n_frames, size, with_flow=False)
-
-# %% ../nbs/data.ipynb #d946f50c
-def render_toy_clip_with_flow(
-    rng: np.random.Generator,   # source of randomness (same clip as `render_toy_clip` for the same state)
-    n_frames: int = 17,         # frames to render
-    size: int | tuple[int, int] = 64, # frame side, or (height, width)
-) -> tuple[torch.Tensor, torch.Tensor, str, list[str], torch.Tensor]: # frames, masks, caption, entities, flow float32 (T, 2, H, W)
-    "`render_toy_clip` plus the exact forward optical flow (dx, dy pixels per frame of the visible shape; 0 on background)."
-    return _render_toy(rng, n_frames, size, with_flow=True)
-
-# %% ../nbs/data.ipynb #fb389d73
+# %% ../nbs/data.ipynb #f5db70e5
 def flow_path(
     root: str | Path, # the data root (the manifest's folder)
     clip_id: str,     # the clip id
@@ -665,46 +559,3 @@ def find_flow(
     if record.root is None: return None
     p = flow_path(record.root, record.id)
     return p if p.is_file() else None
-
-# %% ../nbs/data.ipynb #9ac1d290
-def make_toy_world(
-    root: str | Path,        # folder to create (videos/, masks/, manifest.jsonl)
-    n_clips: int = 8,        # number of clips
-    n_frames: int = 17,      # frames per clip
-    size: int = 64,          # frame side in pixels (even)
-    seed: int = 0,           # the whole world is a function of the seed
-    fps: int = 8,            # frames per second of the videos
-    overwrite: bool = False, # replace existing files?
-    with_flow: bool = False, # also write the exact flow to root/flow/<id>.safetensors (see `find_flow`)
-) -> Path:                   # the manifest path
-    "Write a toy dataset of bouncing shapes with exact masks: root/videos/<id>.mp4, root/masks/<id>.safetensors, root/manifest.jsonl."
-    root = Path(root)
-    manifest = root / "manifest.jsonl"
-    if manifest.exists() and not overwrite:
-        raise FileExistsError(f"{manifest} already exists; pass overwrite=True to regenerate the toy world")
-    lines = []
-    for i, child in enumerate(np.random.SeedSequence(seed).spawn(n_clips)):  # clip i depends on (seed, i) only
-        cid = f"toy_{i:03d}"
-        frames, masks, caption, entities, flow = render_toy_clip_with_flow(np.random.default_rng(child), n_frames, size)
-        if with_flow: save_flow(flow_path(root, cid), flow, overwrite=overwrite)
-        write_video(root / "videos" / f"{cid}.mp4", frames, fps=fps, overwrite=overwrite)
-        save_masks(root / "masks" / f"{cid}.safetensors", masks, entities, overwrite=overwrite)
-        lines.append(json.dumps({"id": cid, "video": f"videos/{cid}.mp4", "caption": caption,
-                                 "entities": entities, "masks": f"masks/{cid}.safetensors"}))
-    with atomic_path(manifest, overwrite) as tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return manifest
-
-def write_toy_flow(
-    root: str | Path,        # an existing toy world made by `make_toy_world` with the same arguments
-    n_clips: int = 8,        # as in `make_toy_world`
-    n_frames: int = 17,      # as in `make_toy_world`
-    size: int = 64,          # as in `make_toy_world`
-    seed: int = 0,           # as in `make_toy_world`
-    overwrite: bool = False, # replace existing flow files?
-) -> list[Path]:             # the flow files written
-    "Add root/flow/<id>.safetensors to an existing toy world without touching its videos, masks or manifest."
-    out = []
-    for i, child in enumerate(np.random.SeedSequence(seed).spawn(n_clips)):
-        *_, flow = render_toy_clip_with_flow(np.random.default_rng(child), n_frames, size)
-        out.append(save_flow(flow_path(root, f"toy_{i:03d}"), flow, overwrite=overwrite))
-    return out

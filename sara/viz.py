@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .data import render_toy_clip
+from .toy import render_toy_clip
 from .masks import merge_entities, reduce_to_grid
 from .routing import ROUTING_OPS, budget_shares, check_op, route
 from .trd import trd_compute_dtype

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sara.config import make_config, site_settings
-from sara.data import load_video, make_toy_world
+from sara.data import load_video
+from sara.toy import make_toy_world
 from sara.evaluate import (aggregate_scores, build_pipeline, judge_videos, load_run, load_suite, make_rubric, make_study,
                            noise_seed, parse_score, run_vbench, sample_videos, sign_test, study_pairs, tally_study)
 from sara.train import train

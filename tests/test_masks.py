@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from sara.data import ClipDataset, collate_clips, render_toy_clip, sample_frames
+from sara.data import ClipDataset, collate_clips, sample_frames
+from sara.toy import render_toy_clip
 from sara.masks import MERGE_RULES, merge_entities, reduce_to_grid, saliency_from_masks
 
 TOY = Path(__file__).resolve().parents[1] / "data" / "toy" / "manifest.jsonl"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sara.data import (TOY_COLOURS, load_video, make_toy_world, read_manifest, render_toy_clip,
-                       render_toy_clip_with_flow)
+from sara.data import load_video, read_manifest
+from sara.toy import TOY_COLOURS, make_toy_world, render_toy_clip, render_toy_clip_with_flow
 from sara.masks import (MASK_PROVIDERS, MaskProvider, MaskResult, RaftFlowProvider, Sam2MaskProvider,
                         Sam3MaskProvider, ToyFlowProvider, ToyMaskProvider, _sam2_backend, build_flow_provider,
                         build_mask_provider, empty_entities, flow_to_grid, make_tiny_sam2_dir, make_tiny_sam3_dir,
