@@ -1,7 +1,10 @@
-"""Integration tests of `sara.trd`: chunked vs reference (values and gradients), edge cases, dtypes,
-input validation, and the memory bound of the chunked version at N = 16,384."""
+"""Integration tests of `sara.trd`: chunked and dense vs reference (values and gradients), edge cases, dtypes,
+bf16 autocast (float32 arithmetic whatever the caller's autocast), the auto rule, the one-way import of
+`sara.trd_triton`, input validation, and the memory bound of the chunked version at N = 16,384."""
+import ast
 import os
 from pathlib import Path
+import subprocess
 import sys
 
 import pytest
@@ -9,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from sara.routing import ROUTING_OPS
-from sara.trd import (TRD_IMPLS, check_trd_inputs, trd_auto_impl, trd_block_rows, trd_chunked,
-                      trd_compute_dtype, trd_loss, trd_reference)
+from sara.trd import (TRD_IMPLS, check_trd_inputs, trd_auto_choice, trd_auto_impl, trd_block_rows, trd_chunked,
+                      trd_compute_dtype, trd_dense, trd_dense_bytes, trd_loss, trd_reference)
 
 F64 = torch.float64
 
@@ -37,11 +40,12 @@ def _loss_and_grads(fn, p, y, **kw):
     (1, 33, 16, 8, 5), (3, 33, 8, 8, None),
     (1, 100, 8, 12, 7), (3, 100, 12, 8, 64),
 ])
-def test_chunked_matches_reference(op, B, N, Dp, Dy, block):
+@pytest.mark.parametrize("fn", [trd_chunked, trd_dense])
+def test_chunked_and_dense_match_reference(fn, op, B, N, Dp, Dy, block):
     p, y, w = _inputs(B, N, Dp, Dy, seed=B * 1000 + N)
     # small D makes |S_p - S_y| spread across the margin, so the hinge is active and inactive
     ref = _loss_and_grads(trd_reference, p, y, w=w, op=op, margin=0.1)
-    chk = _loss_and_grads(trd_chunked, p, y, w=w, op=op, margin=0.1, block=block)
+    chk = _loss_and_grads(fn, p, y, w=w, op=op, margin=0.1, block=block)
     assert ref[0].dtype == chk[0].dtype == F64 and chk[0].ndim == 0
     torch.testing.assert_close(chk[0], ref[0], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(chk[1], ref[1], rtol=1e-10, atol=1e-13)
@@ -55,6 +59,7 @@ def test_gradcheck_chunked(op):
     p.requires_grad_(); y.requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: trd_chunked(a, b, w, op, 0.05, block=2), (p, y))
     assert torch.autograd.gradcheck(lambda a, b: trd_reference(a, b, w, op, 0.05), (p, y))
+    assert torch.autograd.gradcheck(lambda a, b: trd_dense(a, b, w, op, 0.05, block=3), (p, y))
 
 
 def test_only_p_requires_grad():
@@ -70,7 +75,7 @@ def test_uniform_is_plain_mean_and_ignores_w():
     p, y, w = _inputs(3, 11, 5, 7)
     ph, yh = F.normalize(p, dim=-1), F.normalize(y, dim=-1)
     plain = torch.relu((ph @ ph.mT - yh @ yh.mT).abs() - 0.2).mean()
-    for impl in ("reference", "chunked", "auto"):
+    for impl in ("reference", "chunked", "dense", "auto"):
         torch.testing.assert_close(trd_loss(p, y, margin=0.2, impl=impl), plain, rtol=1e-13, atol=0)
         # w is ignored under uniform, even a malformed one
         torch.testing.assert_close(trd_loss(p, y, w=torch.full((1, 2), 5.0), margin=0.2, impl=impl), plain)
@@ -84,7 +89,7 @@ def test_weighted_formula_by_hand():
     torch.testing.assert_close(trd_loss(p, y, w, "or"), (W * d).sum() / W.sum(), rtol=1e-13, atol=0)
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("impl", ["reference", "chunked", "dense"])
 def test_large_margin_gives_zero(impl):
     p, y, w = _inputs(2, 8, 4, 4)
     loss, gp, gy = _loss_and_grads(lambda a, b, **k: trd_loss(a, b, impl=impl, **k), p, y, w=w, op="or", margin=2.5)
@@ -92,7 +97,7 @@ def test_large_margin_gives_zero(impl):
     assert torch.equal(gp, torch.zeros_like(gp)) and torch.equal(gy, torch.zeros_like(gy))
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("impl", ["reference", "chunked", "dense"])
 @pytest.mark.parametrize("op,wval", [("and", 0.0), ("or", 0.0), ("xor", 1.0), ("xor", 0.0)])
 def test_zero_total_weight(impl, op, wval):
     p, y, _ = _inputs(2, 8, 4, 4)
@@ -105,7 +110,7 @@ def test_zero_total_weight(impl, op, wval):
 def test_w_gets_no_gradient():
     p, y, w = _inputs(1, 6, 4, 4)
     w = w.clone().requires_grad_()
-    for impl in ("reference", "chunked"):
+    for impl in ("reference", "chunked", "dense"):
         loss = trd_loss(p.clone().requires_grad_(), y, w, "or", impl=impl)
         assert not loss.grad_fn is None
         loss.backward()
@@ -116,7 +121,7 @@ def test_w_gets_no_gradient():
 def test_half_inputs(half):
     p, y, w = _inputs(2, 40, 16, 8, dtype=torch.float32)
     ph_, yh_ = p.to(half), y.to(half)
-    for impl in ("reference", "chunked"):
+    for impl in ("reference", "chunked", "dense"):
         pb = ph_.clone().requires_grad_()
         lb = trd_loss(pb, yh_, w, "or", impl=impl)
         lb.backward()
@@ -128,14 +133,15 @@ def test_half_inputs(half):
     assert trd_compute_dtype(p.bfloat16(), y.double()) == F64
 
 
-def test_float32_chunked_vs_reference():
+def test_float32_chunked_and_dense_vs_reference():
     p, y, w = _inputs(2, 300, 32, 16, dtype=torch.float32)
     for op in ROUTING_OPS:
         a = _loss_and_grads(trd_reference, p, y, w=w, op=op)
-        b = _loss_and_grads(trd_chunked, p, y, w=w, op=op, block=37)
-        assert b[0].dtype == torch.float32
-        torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(b[1], a[1], rtol=1e-4, atol=1e-7)
+        for fn in (trd_chunked, trd_dense):
+            b = _loss_and_grads(fn, p, y, w=w, op=op, block=37)
+            assert b[0].dtype == torch.float32
+            torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(b[1], a[1], rtol=1e-4, atol=1e-7)
 
 
 def test_block_rows():
@@ -146,7 +152,7 @@ def test_block_rows():
 
 
 def test_dispatch():
-    assert TRD_IMPLS == ("auto", "reference", "chunked", "triton")
+    assert TRD_IMPLS == ("auto", "reference", "chunked", "dense", "triton")
     assert trd_auto_impl(torch.zeros(1, 1, 1)) == "chunked"
     p, y, w = _inputs(2, 5, 3, 3)
     torch.testing.assert_close(trd_loss(p, y, w, "xor"), trd_loss(p, y, w, "xor", impl="reference"))
@@ -166,7 +172,7 @@ def test_dispatch():
     (dict(op="or", w=torch.rand(3, 5)), ValueError, r"w has shape \(3, 5\).*batch"),
     (dict(op="or", w=torch.rand(2, 5, 1)), ValueError, r"w must have shape \(B, N\)"),
     (dict(op="nand", w=torch.rand(2, 5)), ValueError, "'nand'.*uniform, or, and, xor"),
-    (dict(impl="fused"), ValueError, "'fused'.*auto, reference, chunked, triton"),
+    (dict(impl="fused"), ValueError, "'fused'.*auto, reference, chunked, dense, triton"),
     (dict(margin=-0.1), ValueError, "margin.*-0.1"),
     (dict(margin=float("inf")), ValueError, "margin"),
 ])
@@ -177,7 +183,7 @@ def test_bad_inputs(kwargs, exc, match):
         trd_loss(**args)
     if "impl" not in kwargs:
         args.pop("impl")
-        for fn in (trd_reference, trd_chunked):
+        for fn in (trd_reference, trd_chunked, trd_dense):
             with pytest.raises(exc, match=match):
                 fn(**args)
 
@@ -185,8 +191,168 @@ def test_bad_inputs(kwargs, exc, match):
 def test_bad_block():
     p, y, _ = _inputs(1, 4, 2, 2)
     for b in (0, -3, 2.5, True):
-        with pytest.raises(ValueError, match="block"):
-            trd_chunked(p, y, block=b)
+        for fn in (trd_chunked, trd_dense):
+            with pytest.raises(ValueError, match="block"):
+                fn(p, y, block=b)
+
+
+# ---------------------------------------------------------------- bf16 autocast (issue 12)
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _autocast_case(device, impl, op, in_dtype, backward_inside, seed=3):
+    "Loss and p-gradient of `impl` on (in_dtype) inputs under bf16 autocast, and the float64 reference on the same values."
+    B, N, Dp, Dy = 2, 96, 256, 128
+    g = torch.Generator().manual_seed(seed)
+    # low-rank structure spreads the similarities past the margin, as real features do
+    mk = lambda D: torch.randn(B, N, 4, generator=g) @ torch.randn(4, D, generator=g) + 0.7 * torch.randn(B, N, D, generator=g)
+    p0, y0, w = mk(Dp).to(device, in_dtype), mk(Dy).to(device, in_dtype), torch.rand(B, N, generator=g).to(device)
+    p = p0.clone().requires_grad_()
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+        loss = trd_loss(p, y0, w, op, 0.1, impl=impl)
+        if backward_inside: loss.backward()
+    if not backward_inside: loss.backward()
+    p64 = p0.double().requires_grad_()
+    ref = trd_reference(p64, y0.double(), w.double(), op, 0.1)
+    ref.backward()
+    return loss, p.grad, ref, p64.grad
+
+
+AUTOCAST_CPU = [(impl, inside) for impl in ("reference", "chunked", "dense", "auto") for inside in (False, True)
+                if not (impl == "reference" and inside)]  # the reference's backward is plain autograd: it runs in the caller's mode
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["uniform", "or"])
+@pytest.mark.parametrize("impl,backward_inside", AUTOCAST_CPU)
+def test_autocast_bf16_computes_in_float32(impl, backward_inside, op, in_dtype):
+    loss, gp, ref, gref = _autocast_case("cpu", impl, op, in_dtype, backward_inside)
+    assert loss.dtype == torch.float32 and gp.dtype == in_dtype
+    assert ref > 0.01
+    # float32 similarities: 1e-6 of the loss (bf16 similarities move it by about 1e-3 .. 1e-2)
+    assert abs(loss.item() - ref.item()) <= 2e-6 * ref.item(), (loss.item(), ref.item())
+    # the gradient is returned in the input dtype: bf16 rounding (2^-9) bounds its error there
+    assert _rel(gp, gref) < (1e-5 if in_dtype == torch.float32 else 4e-3), _rel(gp, gref)
+
+
+# ---------------------------------------------------------------- the auto rule
+GiB = 2**30
+
+
+def test_auto_rule_measured_crossover():
+    bf = torch.bfloat16
+    assert trd_auto_choice(1, 8192, bf, "cuda", 100 * GiB) == "dense"  # issue 12: 2.7 ms dense vs 4.5 ms fused
+    assert trd_auto_choice(4, 32768, bf, "cuda", 100 * GiB) == "triton"
+    assert trd_auto_choice(1, 8192, torch.float32, "cuda", 100 * GiB) == "dense"  # never the IEEE-float32 kernel where dense fits
+    assert trd_auto_choice(1, 8192, torch.float64, "cuda", 100 * GiB) == "dense"
+    for dt in (bf, torch.float16, torch.float32, torch.float64):
+        assert trd_auto_choice(1, 4096, dt, "cpu", 100 * GiB) == "chunked"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [1, 2, 4, 8])
+@pytest.mark.parametrize("N", [64, 1024, 4096, 8192, 16384, 32768])
+def test_auto_never_dense_where_it_does_not_fit(dtype, B, N):
+    cdt = torch.float32 if dtype == torch.bfloat16 else dtype
+    need = trd_dense_bytes(B, N, cdt)
+    for free in (None, need // 2, int(need * 1.1), need * 2):
+        pick = trd_auto_choice(B, N, dtype, "cuda", free, triton=True)
+        fits = free is not None and need <= 0.8 * free
+        assert pick in TRD_IMPLS[1:]
+        if not fits: assert pick != "dense" and pick != "reference", (B, N, dtype, free, pick)
+        if fits and dtype != torch.bfloat16: assert pick == "dense"
+        if dtype == torch.float64: assert pick in ("dense", "chunked")
+        if not fits and dtype != torch.float64:
+            assert pick == "triton"
+            assert trd_auto_choice(B, N, dtype, "cuda", free, triton=False) == "chunked"
+
+
+def test_dense_bytes():
+    assert trd_dense_bytes(1, 8192) == 2 * 8192 ** 2 * 4 + 4 * 256 * 2**20
+    assert trd_dense_bytes(4, 32768, torch.float64) == 2 * 4 * 32768 ** 2 * 8 + 4 * 256 * 2**20
+    assert trd_dense_bytes(1, 10) == 6 * 10 * 10 * 4
+
+
+# ---------------------------------------------------------------- no import circle (issue 12)
+def test_trd_never_imports_trd_triton():
+    src = Path(__file__).resolve().parents[1] / "sara" / "trd.py"
+    mods = []
+    for node in ast.walk(ast.parse(src.read_text())):
+        if isinstance(node, ast.ImportFrom): mods.append(node.module or "")
+        if isinstance(node, ast.Import): mods += [a.name for a in node.names]
+    assert not [m for m in mods if "trd_triton" in m], mods
+    code = ("import sys, torch; import sara.config; import sara.trd as t\n"
+            "assert 'sara.trd_triton' not in sys.modules\n"
+            "assert t.trd_loss(torch.randn(1, 4, 3), torch.randn(1, 4, 3), impl='dense') >= 0\n"
+            "f = t._impl_fn('triton'); import sara.trd_triton as tt\n"
+            "assert f is tt._trd_fused and 'sara.trd_triton' in sys.modules\n"
+            "print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    # and the other order: the kernels' module first
+    r = subprocess.run([sys.executable, "-c", "import sara.trd_triton, sara.trd as t; assert 'triton' in t._IMPL_FNS"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- GPU
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class TestGPU:
+    IMPLS = ("reference", "chunked", "dense", "triton", "auto")
+
+    @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("impl", IMPLS)
+    def test_autocast_bf16_computes_in_float32(self, impl, in_dtype):
+        for op in ("uniform", "or"):
+            for inside in ((False,) if impl == "reference" else (False, True)):
+                loss, gp, ref, gref = _autocast_case("cuda", impl, op, in_dtype, inside)
+                assert loss.dtype == torch.float32 and ref > 0.01
+                assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item(), (impl, op, loss.item(), ref.item())
+                assert _rel(gp, gref) < (1e-4 if in_dtype == torch.float32 else 5e-3), (impl, op, _rel(gp, gref))
+
+    @pytest.mark.parametrize("N", [64, 300, 2049])
+    @pytest.mark.parametrize("impl", ("chunked", "dense", "triton"))
+    def test_float32_accuracy_with_global_tf32_on(self, impl, N):
+        # a caller that turned TF32 on globally still gets float32 accuracy (TF32 gave 1e-3 / 4 %)
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            g = torch.Generator().manual_seed(N)
+            mk = lambda D: (torch.randn(2, N, 4, generator=g) @ torch.randn(4, D, generator=g) + 0.7 * torch.randn(2, N, D, generator=g)).cuda()
+            p0, y0, w = mk(1024), mk(768), torch.rand(2, N, generator=g).cuda()
+            p, y = p0.clone().requires_grad_(), y0.clone().requires_grad_()
+            loss = trd_loss(p, y, w, "or", 0.1, impl=impl)
+            loss.backward()
+            assert torch.backends.cuda.matmul.allow_tf32  # restored
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+        p64, y64 = p0.double().requires_grad_(), y0.double().requires_grad_()
+        ref = trd_reference(p64, y64, w.double(), "or", 0.1)
+        ref.backward()
+        assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item(), (loss.item(), ref.item())
+        assert _rel(p.grad, p64.grad) < 1e-4 and _rel(y.grad, y64.grad) < 1e-4, (_rel(p.grad, p64.grad), _rel(y.grad, y64.grad))
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    def test_dense_memory_within_estimate(self, dtype):
+        B, N, D = 2, 4096, 512
+        p = torch.randn(B, N, D, device="cuda", dtype=dtype).requires_grad_()
+        y = torch.randn(B, N, D, device="cuda", dtype=dtype)
+        w = torch.rand(B, N, device="cuda")
+        trd_dense(p, y, w, "or").backward()  # warm-up
+        p.grad = None
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        trd_dense(p, y, w, "or").backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base - p.numel() * p.element_size()  # less p.grad
+        assert extra <= trd_dense_bytes(B, N), (extra / 2**20, trd_dense_bytes(B, N) / 2**20)
+
+    def test_auto_picks_dense_where_measured_faster(self):
+        p = torch.randn(1, 8192, 64, device="cuda", dtype=torch.bfloat16)
+        assert trd_auto_impl(p) == "dense"  # an H200 has the 1.5 GiB free
+        assert trd_auto_impl(torch.randn(4, 32768, 8, device="cuda", dtype=torch.bfloat16)) == "triton"
 
 
 # ---------------------------------------------------------------- memory, in a fresh process
