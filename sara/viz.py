@@ -7,6 +7,9 @@ Docs: https://sara-workbench.github.io/sara/viz.html.md"""
 # %% ../nbs/viz.ipynb #8c3f182a
 from __future__ import annotations
 
+import html, json, os, uuid
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,9 +22,10 @@ from .routing import ROUTING_OPS, budget_shares, check_op, route
 from .trd import trd_compute_dtype
 
 # %% auto #0
-__all__ = ['MERGED', 'to_uint8_frames', 'token_time', 'token_index', 'token_coords', 'saliency_maps', 'saliency_figure',
-           'SaliencyExplorer', 'relation_rows', 'budget_by_op', 'check_routing_inputs', 'routing_figure',
-           'RoutingExplorer', 'demo_inputs']
+__all__ = ['MERGED', 'DIM_SCALE', 'SALIENCY_SOURCES', 'PLOTLYJS', 'to_uint8_frames', 'token_time', 'token_index', 'token_coords',
+           'saliency_maps', 'saliency_figure', 'SaliencyExplorer', 'relation_rows', 'budget_by_op',
+           'check_routing_inputs', 'routing_figure', 'RoutingExplorer', 'clip_frames', 'cache_clip', 'from_cache',
+           'run_cache', 'run_tokens', 'from_run', 'FigureHTML', 'show', 'run_story', 'demo_inputs']
 
 # %% ../nbs/viz.ipynb #41780623
 def to_uint8_frames(
@@ -93,11 +97,25 @@ def saliency_maps(
     return out
 
 # %% ../nbs/viz.ipynb #f9dc9dd0
+DIM_SCALE = [[0.0, "rgba(0, 0, 0, 1)"], [1.0, "rgba(0, 0, 0, 0)"]]  # the overlay: black where w = 0, clear where w = 1
+
 def _image_trace(img: np.ndarray, grid_hw: tuple, **kw) -> go.Image:
     "A frame (H, W, 3) stretched over token-grid coordinates (cells centred on integers)."
     H, W = img.shape[:2]
     dy, dx = grid_hw[0] / H, grid_hw[1] / W
     return go.Image(z=img, x0=-0.5 + dx / 2, dx=dx, y0=-0.5 + dy / 2, dy=dy, hoverinfo="skip", **kw)
+
+def _overlay_trace(z: np.ndarray, opacity: float, colorbar: dict, name: str = "overlay", label: str = "w_j") -> go.Heatmap:
+    "Saliency over an RGB frame as an alpha mask: tokens with low saliency are darkened, salient ones keep the frame's colours."
+    return go.Heatmap(z=z, zmin=0, zmax=1, colorscale=DIM_SCALE, opacity=opacity, name=name, colorbar=colorbar,
+                      hovertemplate=f"row h=%{{y}}, col x=%{{x}}<br>{label} = %{{z:.3f}}<extra></extra>")
+
+def _colorbar(fig: go.Figure, row: int, col: int, title: str, **kw) -> dict:
+    "A colour bar placed just right of subplot (row, col) of a `make_subplots` figure, as tall as the subplot."
+    sp = fig.get_subplot(row, col)
+    (x0, x1), (y0, y1) = sp.xaxis.domain, sp.yaxis.domain
+    return dict(x=x1 + 0.005, xanchor="left", y=(y0 + y1) / 2, yanchor="middle", len=y1 - y0, thickness=10,
+                title=dict(text=title, side="right", font=dict(size=10)), tickfont=dict(size=9), **kw)
 
 def _resolve_entity(entity, names: list) -> str:
     if isinstance(entity, int) and not isinstance(entity, bool):
@@ -106,6 +124,10 @@ def _resolve_entity(entity, names: list) -> str:
     if entity not in names: raise ValueError(f"unknown entity {entity!r}; choose one of {names}")
     return entity
 
+def _check_opacity(opacity: float) -> float:
+    if not 0 <= float(opacity) <= 1: raise ValueError(f"opacity must lie in [0, 1], got {opacity}")
+    return float(opacity)
+
 def saliency_figure(
     frames: torch.Tensor,           # (T, C, H, W) frames, uint8 or float in [-1, 1]
     saliency: torch.Tensor,         # (E, T', H', W') per-entity saliency in [0, 1]
@@ -113,62 +135,71 @@ def saliency_figure(
     w: torch.Tensor | None = None,  # (T', H', W') or (N,) merged saliency; None: max over entities
     frame: int = 0,                 # frame index in [0, T)
     entity: int | str = MERGED,     # entity index or name, or `MERGED`
-    opacity: float = 0.5,           # heatmap opacity over the frame
-) -> go.Figure:                     # frame with the saliency overlaid | the saliency alone
-    "Static figure of one frame with one entity's saliency (or the merged `w`) as a heatmap."
+    opacity: float = 0.6,           # strength of the overlay (0: the plain frame, 1: non-salient tokens black)
+    source: str = "masks",          # where the saliency comes from ("masks", "aligner"), named in the title
+    clip: str = "",                 # clip id for the title
+) -> go.Figure:                     # frame with the saliency as an alpha overlay | the saliency alone
+    "Static figure of one frame with one entity's saliency (or the merged `w`): an alpha overlay that keeps the frame's colours, and the map."
     imgs = to_uint8_frames(frames)
     maps = saliency_maps(saliency, entities, w)
     name = _resolve_entity(entity, list(maps))
     g = maps[name]                                                   # T', H', W'
     t = token_time(frame, len(imgs), g.shape[0])
     z = g[t].numpy()
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08,
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.14,
                         subplot_titles=(f"frame {frame} (token time {t})", f"{name}: saliency on the token grid"))
+    label = "w_j" if name == MERGED else "s"
     fig.add_trace(_image_trace(imgs[frame], g.shape[1:], name="frame"), row=1, col=1)
-    hm = dict(z=z, zmin=0, zmax=1, colorscale="Viridis", hovertemplate="h=%{y} w=%{x} s=%{z:.3f}<extra></extra>")
-    fig.add_trace(go.Heatmap(**hm, opacity=opacity, showscale=False, name="overlay"), row=1, col=1)
-    fig.add_trace(go.Heatmap(**hm, colorbar=dict(len=0.9, thickness=12), name="saliency"), row=1, col=2)
+    fig.add_trace(_overlay_trace(z, _check_opacity(opacity), _colorbar(fig, 1, 1, "dimmed where low"), label=label), row=1, col=1)
+    fig.add_trace(go.Heatmap(z=z, zmin=0, zmax=1, colorscale="Viridis", name="saliency", colorbar=_colorbar(fig, 1, 2, label),
+                             hovertemplate=f"row h=%{{y}}, col x=%{{x}}<br>{label} = %{{z:.3f}}<extra></extra>"), row=1, col=2)
     for c in (1, 2):
-        fig.update_xaxes(range=[-0.5, z.shape[1] - 0.5], showgrid=False, row=1, col=c)
-        fig.update_yaxes(range=[z.shape[0] - 0.5, -0.5], showgrid=False, scaleanchor=f"x{'' if c == 1 else c}", row=1, col=c)
-    fig.update_layout(height=360, width=760, margin=dict(l=20, r=20, t=40, b=20), title=None)
+        fig.update_xaxes(range=[-0.5, z.shape[1] - 0.5], showgrid=False, zeroline=False, row=1, col=c)
+        fig.update_yaxes(range=[z.shape[0] - 0.5, -0.5], showgrid=False, zeroline=False, scaleanchor=f"x{'' if c == 1 else c}", row=1, col=c)
+    head = f"saliency from {source}" + (f" · clip {clip}" if clip else "")
+    fig.update_layout(height=380, width=800, margin=dict(l=30, r=70, t=70, b=30, autoexpand=False),
+                      title=dict(text=head, x=0.01, y=0.98, font=dict(size=14)))
     return fig
 
 # %% ../nbs/viz.ipynb #ac476350
 def _sync(fw: go.FigureWidget, fig: go.Figure):
-    "Copy trace data and subplot titles of `fig` into the live widget `fw` (same trace layout), in one message."
+    "Copy trace data, subplot titles and the title of `fig` into the live widget `fw` (same trace layout), in one message."
     with fw.batch_update():
         for live, new in zip(fw.data, fig.data):
             d = new.to_plotly_json(); d.pop("type", None)
             live.update(d)
         for live, new in zip(fw.layout.annotations, fig.layout.annotations): live.text = new.text
+        fw.layout.title.text = fig.layout.title.text
 
 class SaliencyExplorer:
-    "Live saliency explorer: entity dropdown (incl. the merged `w`), frame slider, plotly FigureWidget updated in place."
+    "Live saliency explorer: entity dropdown (incl. the merged `w`), frame and opacity sliders, plotly FigureWidget updated in place."
     def __init__(self,
                  frames: torch.Tensor,           # (T, C, H, W) frames, uint8 or float in [-1, 1]
                  saliency: torch.Tensor,         # (E, T', H', W') per-entity saliency in [0, 1]
                  entities: list[str],            # the E entity names
                  w: torch.Tensor | None = None,  # (T', H', W') or (N,) merged saliency; None: max over entities
-                 opacity: float = 0.5,           # heatmap opacity over the frame
+                 opacity: float = 0.6,           # initial strength of the overlay
+                 source: str = "masks",          # where the saliency comes from (title)
+                 clip: str = "",                 # clip id (title)
                 ):
         import ipywidgets as W
-        self.args = dict(frames=frames, saliency=saliency, entities=list(entities), w=w, opacity=opacity)
+        self.args = dict(frames=frames, saliency=saliency, entities=list(entities), w=w, source=source, clip=clip)
         names = list(saliency_maps(saliency, list(entities), w))
         n = len(to_uint8_frames(frames))
         self.entity = W.Dropdown(options=names, value=MERGED, description="entity")
         self.frame = W.IntSlider(value=0, min=0, max=n - 1, description="frame", continuous_update=False)
+        self.opacity = W.FloatSlider(value=_check_opacity(opacity), min=0, max=1, step=0.05, description="opacity",
+                                     continuous_update=False)
         self.fig = go.FigureWidget(self.figure())
-        self.entity.observe(lambda _: self.update(), "value")
-        self.frame.observe(lambda _: self.update(), "value")
-        self.widget = W.VBox([W.HBox([self.entity, self.frame]), self.fig])
+        for c in (self.entity, self.frame, self.opacity): c.observe(lambda _: self.update(), "value")
+        self.widget = W.VBox([W.HBox([self.entity, self.frame, self.opacity]), self.fig])
 
     def figure(self) -> go.Figure:  # the static figure of the current selection
-        "`saliency_figure` at the current entity and frame."
-        return saliency_figure(**self.args, frame=self.frame.value, entity=self.entity.value)
+        "`saliency_figure` at the current entity, frame and opacity."
+        return saliency_figure(**self.args, frame=self.frame.value, entity=self.entity.value, opacity=self.opacity.value)
 
     def update(self):
-        "Redraw the live figure for the current entity and frame."
+        "Redraw the live figure for the current entity, frame and opacity."
         _sync(self.fig, self.figure())
 
     def _ipython_display_(self):
@@ -225,6 +256,8 @@ def check_routing_inputs(p, y, w, grid) -> tuple:  # (p (N, Dp), y (N, Dy), w (N
         if float(w.min()) < 0 or float(w.max()) > 1: raise ValueError(f"w must lie in [0, 1], got [{float(w.min()):g}, {float(w.max()):g}]")
     return p, y, w, grid
 
+_ROW_HOVER = "row h=%{{y}}, col x=%{{x}}<br>{v} = %{{z:.3f}}<extra></extra>"  # i: the chosen token, j: the token under the cursor
+
 def routing_figure(
     p: torch.Tensor,                # N, Dp projected DiT tokens
     y: torch.Tensor,                # N, Dy target tokens
@@ -236,6 +269,9 @@ def routing_figure(
     op: str = "or",                 # routing operator, one of `ROUTING_OPS`
     margin: float = 0.1,            # TRD hinge margin
     threshold: float = 0.5,         # foreground threshold of the budget
+    opacity: float = 0.6,           # strength of the saliency overlay on the frame
+    source: str = "masks",          # where `w` comes from ("masks", "aligner"), named in the title
+    title: str = "",                # what p and y are (e.g. the run, clip and timestep), added to the title
 ) -> go.Figure:                     # 2 x 3 panels (see above)
     "Static routing figure: the chosen token's rows of W, S_p, S_y, d at the current frame, and the pair budget."
     p, y, w, grid = check_routing_inputs(p, y, w, grid)
@@ -248,38 +284,42 @@ def routing_figure(
     wmap = (torch.zeros(grid) if w is None else w.reshape(grid).float())[t].numpy()
     budgets = budget_by_op(w if w is not None else torch.zeros(T_ * H_ * W_), threshold)
     here = token[0] == t
-    titles = (f"frame {frame} (t'={t}): w, click a token", f"W row of token {tuple(token)} [{op}]",
+    titles = (f"frame {frame} (t'={t}): w, click a token", f"W row of token i={tuple(token)} [{op}]",
               f"pair budget (chosen: {op})", "S_p row", "S_y row", f"d row (margin {margin:g})")
-    fig = make_subplots(rows=2, cols=3, subplot_titles=titles, horizontal_spacing=0.06, vertical_spacing=0.12)
-    hover = "h=%{y} w=%{x} v=%{z:.3f}<extra></extra>"
+    fig = make_subplots(rows=2, cols=3, subplot_titles=titles, horizontal_spacing=0.1, vertical_spacing=0.14)
     fig.add_trace(_image_trace(imgs[frame], (H_, W_), name="frame"), row=1, col=1)
-    fig.add_trace(go.Heatmap(z=wmap, zmin=0, zmax=1, colorscale="Viridis", opacity=0.45, showscale=False,
-                             hovertemplate=hover, name="w"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=[token[2]], y=[token[1]], mode="markers", name="token", hoverinfo="skip",
+    fig.add_trace(_overlay_trace(wmap, _check_opacity(opacity), _colorbar(fig, 1, 1, "w (dimmed where low)"), name="w"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=[token[2]], y=[token[1]], mode="markers", name="token", hoverinfo="skip", showlegend=False,
                              marker=dict(symbol="x-thin-open" if here else "circle-open", size=14, color="red",
                                          line=dict(width=3, color="red"))), row=1, col=1)
-    fig.add_trace(go.Heatmap(z=rows["W"], zmin=0, zmax=1, colorscale="Viridis", showscale=False,
-                             hovertemplate=hover, name="W"), row=1, col=2)
+    fig.add_trace(go.Heatmap(z=rows["W"], zmin=0, zmax=1, colorscale="Viridis", colorbar=_colorbar(fig, 1, 2, "W_ij"),
+                             hovertemplate=_ROW_HOVER.format(v="W_ij"), name="W"), row=1, col=2)
     shares = ("fg_fg", "fg_bg", "bg_bg")
     for k, s in enumerate(shares):
         fig.add_trace(go.Bar(x=list(ROUTING_OPS), y=[budgets[o][s] for o in ROUTING_OPS], name=s.replace("_", "-").upper(),
                              marker_line_width=[3 if o == op else 0 for o in ROUTING_OPS], marker_line_color="black",
                              text=[f"{budgets[o][s]:.0%}" for o in ROUTING_OPS], textposition="inside"), row=1, col=3)
-    fig.add_trace(go.Heatmap(z=rows["S_p"], zmin=-1, zmax=1, colorscale="RdBu", showscale=False, hovertemplate=hover, name="S_p"), row=2, col=1)
-    fig.add_trace(go.Heatmap(z=rows["S_y"], zmin=-1, zmax=1, colorscale="RdBu", showscale=False, hovertemplate=hover, name="S_y"), row=2, col=2)
+    for name, r, c in (("S_p", 2, 1), ("S_y", 2, 2)):
+        fig.add_trace(go.Heatmap(z=rows[name], zmin=-1, zmax=1, colorscale="RdBu", colorbar=_colorbar(fig, r, c, f"{name}[i,j]"),
+                                 hovertemplate=_ROW_HOVER.format(v=f"{name}[i,j]"), name=name), row=r, col=c)
     fig.add_trace(go.Heatmap(z=rows["d"], zmin=0, zmax=max(float(rows["d"].max()), 1e-6), colorscale="Magma",
-                             showscale=False, hovertemplate=hover, name="d"), row=2, col=3)
+                             colorbar=_colorbar(fig, 2, 3, "d_ij"), hovertemplate=_ROW_HOVER.format(v="d_ij"), name="d"), row=2, col=3)
     for r, c in ((1, 1), (1, 2), (2, 1), (2, 2), (2, 3)):
         fig.update_xaxes(range=[-0.5, W_ - 0.5], showgrid=False, zeroline=False, row=r, col=c)
         fig.update_yaxes(range=[H_ - 0.5, -0.5], showgrid=False, zeroline=False, row=r, col=c)
     fig.update_yaxes(range=[0, 1], tickformat=".0%", row=1, col=3)
-    fig.update_layout(barmode="stack", height=620, width=900, margin=dict(l=20, r=20, t=50, b=20),
-                      legend=dict(orientation="h", x=0.68, y=1.08, font=dict(size=10)), clickmode="event")
+    bar = fig.get_subplot(1, 3)
+    head = f"routing [{op}] · w from {source}" + (f" · {title}" if title else "")
+    fig.update_layout(barmode="stack", height=660, width=960, margin=dict(l=20, r=80, t=80, b=20, autoexpand=False), clickmode="event",
+                      title=dict(text=head, x=0.01, y=0.985, font=dict(size=14)),
+                      # the legend sits under the budget panel, clear of the modebar (top right) and of the titles
+                      legend=dict(orientation="h", x=bar.xaxis.domain[0], xanchor="left", y=bar.yaxis.domain[0] - 0.04,
+                                  yanchor="top", font=dict(size=10)))
     return fig
 
 # %% ../nbs/viz.ipynb #00ca68ad
 class RoutingExplorer:
-    "Live routing explorer: click a token on the frame panel; op toggle (uniform/or/and/xor); frame slider."
+    "Live routing explorer: click a token on the frame panel; op toggle (uniform/or/and/xor); frame, opacity and margin sliders."
     def __init__(self,
                  p: torch.Tensor,                # N, Dp projected DiT tokens
                  y: torch.Tensor,                # N, Dy target tokens
@@ -287,35 +327,41 @@ class RoutingExplorer:
                  grid: tuple,                    # (T', H', W') token grid
                  frames: torch.Tensor | None = None,  # (T, C, H, W) frames
                  op: str = "or",                 # initial routing operator
-                 margin: float = 0.1,            # TRD hinge margin
+                 margin: float = 0.1,            # initial TRD hinge margin
                  threshold: float = 0.5,         # foreground threshold of the budget
+                 opacity: float = 0.6,           # initial strength of the saliency overlay
+                 source: str = "masks",          # where `w` comes from (title)
+                 title: str = "",                # what p and y are (title)
                 ):
         import ipywidgets as W
         self.p, self.y, self.w, self.grid = check_routing_inputs(p, y, w, grid)
-        self.frames, self.margin, self.threshold = frames, margin, threshold
+        self.frames, self.threshold, self.source, self.title = frames, threshold, source, title
         n = len(to_uint8_frames(frames)) if frames is not None else self.grid[0]
         self.token = (0, self.grid[1] // 2, self.grid[2] // 2)
         self.op = W.ToggleButtons(options=list(ROUTING_OPS), value=check_op(op), description="op")
         self.frame = W.IntSlider(value=0, min=0, max=n - 1, description="frame", continuous_update=False)
+        self.opacity = W.FloatSlider(value=_check_opacity(opacity), min=0, max=1, step=0.05, description="opacity",
+                                     continuous_update=False)
+        self.margin = W.FloatSlider(value=float(margin), min=0, max=1, step=0.01, description="margin", continuous_update=False)
         self.info = W.HTML()
         self.fig = go.FigureWidget(self.figure())
-        self.fig.data[1].on_click(self._clicked)   # the w heatmap over the frame
-        self.op.observe(lambda _: self.update(), "value")
-        self.frame.observe(lambda _: self.update(), "value")
-        self.widget = W.VBox([W.HBox([self.op, self.frame]), self.info, self.fig])
+        self.fig.data[1].on_click(self._clicked)   # the w overlay on the frame
+        for c in (self.op, self.frame, self.opacity, self.margin): c.observe(lambda _: self.update(), "value")
+        self.widget = W.VBox([W.HBox([self.op, self.frame]), W.HBox([self.opacity, self.margin]), self.info, self.fig])
         self._info()
 
     def figure(self) -> go.Figure:  # the static figure of the current state
-        "`routing_figure` at the current token, frame and operator."
+        "`routing_figure` at the current token, frame, operator, opacity and margin."
         return routing_figure(self.p, self.y, self.w, self.grid, self.frames, token=self.token, frame=self.frame.value,
-                              op=self.op.value, margin=self.margin, threshold=self.threshold)
+                              op=self.op.value, margin=self.margin.value, threshold=self.threshold,
+                              opacity=self.opacity.value, source=self.source, title=self.title)
 
     def _info(self):
         i = token_index(*self.token, self.grid)
-        r = relation_rows(self.p, self.y, self.w, i, self.op.value, self.margin)
+        r = relation_rows(self.p, self.y, self.w, i, self.op.value, self.margin.value)
         self.info.value = (f"<b>token</b> (t, h, w) = {self.token}, i = {i}, w<sub>i</sub> = "
-                           f"{0.0 if self.w is None else float(self.w[i]):.3f}; op <b>{self.op.value}</b>: "
-                           f"row sum of W d = {float(r['Wd'].sum()):.4f}, of W = {float(r['W'].sum()):.2f}")
+                           f"{0.0 if self.w is None else float(self.w[i]):.3f}; op <b>{self.op.value}</b>, margin "
+                           f"{self.margin.value:g}: row sum of W d = {float(r['Wd'].sum()):.4f}, of W = {float(r['W'].sum()):.2f}")
 
     def select(self, h: int, w: int):
         "Choose the token at (h, w) of the current frame's token time (what a click does)."
@@ -325,7 +371,7 @@ class RoutingExplorer:
         self.update()
 
     def _clicked(self, trace, points, state):
-        if points.xs: self.select(int(round(points.ys[0])), int(round(points.xs[0])))   # heatmap cell: x = w, y = h
+        if points.xs: self.select(int(round(points.ys[0])), int(round(points.xs[0])))   # heatmap cell: x = column, y = row
 
     def update(self):
         "Redraw the live figure and the token line for the current state."
@@ -335,6 +381,237 @@ class RoutingExplorer:
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
+
+# %% ../nbs/viz.ipynb #06f05032
+SALIENCY_SOURCES = ("auto", "masks", "aligner")  # `from_cache`: auto = the aligner layer when present, else the masks
+
+def clip_frames(
+    manifest: str | Path,  # the clip manifest the cache was built from
+    clip_id: str,          # the clip
+    n_frames: int,         # frames sampled (the cache's `n_frames`, T = 4L + 1)
+    size: tuple,           # (height, width) of the cache
+) -> torch.Tensor:         # (T - 1, 3, H, W) float in [-1, 1]: frames 1..T-1, the ones the target encoder sees
+    "A clip's frames as precompute samples them (`sara.data.ClipDataset`), frame 0 dropped (`sara.grids.target_frames`)."
+    from sara.data import ClipDataset
+    from sara.grids import target_frames
+    if not Path(manifest).is_file():
+        raise FileNotFoundError(f"the cache's manifest {manifest} does not exist (moved?); pass manifest= to read the frames elsewhere")
+    ds = ClipDataset(manifest, n_frames=int(n_frames), size=tuple(size))
+    ids = [r.id for r in ds.records]
+    if clip_id not in ids: raise KeyError(f"{manifest}: no clip {clip_id!r} (clips: {ids[:5]}{' ...' if len(ids) > 5 else ''})")
+    return target_frames(ds[ids.index(clip_id)]["video"][None])[0]
+
+def cache_clip(
+    cache_dir: str | Path,       # a cache folder written by `sara.precompute`
+    clip_id: str | None = None,  # the clip (None: the first finished clip)
+    source: str = "auto",        # saliency source, one of `SALIENCY_SOURCES`
+    manifest: str | Path | None = None,  # read the frames from this manifest instead of the one recorded in the cache
+) -> dict:                       # id, caption, entities, frames (T-1, 3, H, W), saliency (E, T', H', W'), w (N,), grid, source
+    "One clip of a cache as the saliency explorer takes it."
+    from sara.precompute import open_cache
+    if source not in SALIENCY_SOURCES: raise ValueError(f"source must be one of {SALIENCY_SOURCES}, got {source!r}")
+    cache = open_cache(cache_dir)
+    if not len(cache): raise ValueError(f"{cache_dir}: the cache holds no finished clips (failed: {list(cache.failed)})")
+    cid = cache.ids[0] if clip_id is None else clip_id
+    e = cache[cid]
+    if source == "auto": source = "aligner" if "w_aligner" in e else "masks"
+    keys = dict(masks=("masks_grid", "w"), aligner=("saliency_entities", "w_aligner"))[source]
+    missing = [k for k in keys if k not in e]
+    if missing:
+        hint = ("run nbs/aligner.ipynb (head aligner) to write the 'aligner' layer" if source == "aligner"
+                else "the clip has no masks in the manifest")
+        raise KeyError(f"{cache_dir}: clip {cid!r} has no {missing} for saliency source {source!r} (layers: {cache.layers}); {hint}")
+    s = cache.settings
+    frames = clip_frames(manifest or s["manifest"], cid, s["n_frames"], (s["height"], s["width"]))
+    sal = e[keys[0]].float()                                                       # E, T', H', W'
+    return dict(id=cid, caption=e["caption"], entities=list(e["entities"]), frames=frames, saliency=sal,
+                w=e[keys[1]].float().flatten(), grid=tuple(sal.shape[1:]), source=source)
+
+def from_cache(
+    cache_dir: str | Path,       # a cache folder written by `sara.precompute`
+    clip_id: str | None = None,  # the clip (None: the first finished clip)
+    source: str = "auto",        # saliency source, one of `SALIENCY_SOURCES`
+    opacity: float = 0.6,        # initial strength of the overlay
+    manifest: str | Path | None = None,  # read the frames from this manifest instead of the cache's
+) -> SaliencyExplorer:
+    "The saliency explorer on one clip of a real cache: its frames, per-entity masks (or aligner maps) and merged `w`."
+    c = cache_clip(cache_dir, clip_id, source, manifest)
+    return SaliencyExplorer(c["frames"], c["saliency"], c["entities"], w=c["w"], opacity=opacity, source=c["source"], clip=c["id"])
+
+# %% ../nbs/viz.ipynb #608d02bc
+def run_cache(
+    cfg,                     # a run's `RunConfig` (`sara.config.load_config` of its config.json)
+) -> Path:                   # the cache folder the run read
+    "The cache a run trained on: `cfg.cache`, the folder its data settings name, or else the newest cache under `cfg.cache_dir` made from the same manifest with the same settings."
+    from sara.train import cache_folder, check_cache_settings
+    from sara.precompute import read_index
+    named = Path(cache_folder(cfg, progress=False, build=False))
+    if (named / "index.json").is_file(): return named
+    found = []
+    for f in sorted(Path(cfg.cache_dir).glob("*/index.json")):
+        try:
+            s = read_index(f.parent)["settings"]
+            check_cache_settings(s, cfg, str(f.parent))
+        except (ValueError, KeyError, OSError, RuntimeError): continue   # not a cache of this run's data
+        if Path(s.get("manifest", "")) == Path(cfg.manifest): found.append(f.parent)
+    if not found: raise FileNotFoundError(f"the run's cache {named} does not exist, and no cache under {cfg.cache_dir} was made "
+                                          f"from {cfg.manifest} with the run's settings (moved or deleted?)")
+    return max(found, key=lambda p: (p / "index.json").stat().st_mtime)
+
+def run_tokens(
+    run_dir: str | Path,         # a finished Stage 2 run folder (config.json, checkpoint/)
+    clip_id: str | None = None,  # a clip of the run's cache (None: the first one)
+    timestep: float = 500.0,     # diffusion timestep in [0, num_train_timesteps]; the nearest training timestep is used
+    seed: int = 0,               # seed of the noise
+    ema: bool = False,           # use the run's EMA weights
+    device: str = "cpu",         # where the models run
+) -> dict:                       # p (N, Dp), y (N, Dy), w (N,) or None, grid, frames, op, margin, source, step, timestep, id, run
+    "The run's projected DiT tokens of one clip at one timestep, through its checkpoint, next to its target `y`, on the common grid."
+    from sara.config import load_config
+    from sara.train import (TARGET_OF, build_models, check_cache_settings, collate_targets,
+                            load_checkpoint)
+    from sara.precompute import open_cache
+    from sara.wan import dit_grid, flow_matching_pair, training_sigmas
+    from sara.grids import GridMap, align_dit, align_target
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file(): raise FileNotFoundError(f"{run_dir}: no config.json; not a run folder written by sara.train")
+    cfg = load_config(run_dir / "config.json")
+    cache_dir = run_cache(cfg)
+    cache = open_cache(cache_dir)
+    check_cache_settings(cache.settings, cfg, str(cache_dir))
+    clip = cache_clip(cache_dir, clip_id, source=cfg.saliency)   # the run's saliency source (masks for runs that do not route)
+    e = cache[clip["id"]]
+    tgt = TARGET_OF[cfg.method]
+    if tgt not in e: raise KeyError(f"{cache_dir}: clip {clip['id']!r} has no {tgt!r} (layers: {cache.layers}); method {cfg.method} needs it")
+    dev = torch.device(device)
+    models = build_models(cfg, dev, target_dim=e[tgt].shape[-1])
+    step = load_checkpoint(run_dir, models, ema=ema)
+    trainee = models.trainee().eval()
+    batch = collate_targets([dict(latents=e["latents"], prompt=e["prompt"], y=e[tgt], w=clip["w"])], dev)
+    x0 = batch["latents"]                                                      # 1, z, t, h, w
+    sig, ts = training_sigmas(models.wan.scheduler)
+    k = int((ts - float(timestep)).abs().argmin())
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
+    x_t, _ = flow_matching_pair(x0, noise, sig[k:k + 1].to(x0))
+    with torch.no_grad(): _, feats = trainee(x_t, ts[k:k + 1].to(dev), batch["prompt"], project=True)  # 1, N_dit, Dp
+    t_factor = models.wan.vae.config.scale_factor_temporal or 4                 # as in `sara.train.step_losses`
+    gm = GridMap(t_factor * (x0.shape[2] - 1) + 1, dit_grid(models.dit, x0.shape), batch["grid"], t_factor)
+    p = align_dit(feats, gm)[0].float().cpu()                                  # N, Dp
+    y = align_target(batch["y"], gm)[0].float().cpu()                          # N, Dy
+    w = align_target(batch["w"], gm)[0].float().cpu()                          # N
+    return dict(p=p, y=y, w=w, grid=gm.common, frames=clip["frames"], op=cfg.routing_op or "uniform", margin=cfg.margin,
+                source=clip["source"], step=step, timestep=float(ts[k]), id=clip["id"], run=run_dir.name, method=cfg.method)
+
+def from_run(
+    run_dir: str | Path,         # a finished Stage 2 run folder
+    clip_id: str | None = None,  # a clip of the run's cache (None: the first one)
+    timestep: float = 500.0,     # diffusion timestep (the nearest training timestep is used)
+    seed: int = 0,               # seed of the noise
+    ema: bool = False,           # use the run's EMA weights
+    opacity: float = 0.6,        # initial strength of the saliency overlay
+) -> RoutingExplorer:
+    "The routing explorer on a real run: its projected DiT tokens `p` at `timestep` against its target `y`, routed by its saliency."
+    r = run_tokens(run_dir, clip_id, timestep, seed, ema)
+    title = f"run {r['run']} ({r['method']}, step {r['step']}) · clip {r['id']} · timestep {r['timestep']:.0f}"
+    return RoutingExplorer(r["p"], r["y"], r["w"], r["grid"], r["frames"], op=r["op"], margin=r["margin"],
+                           opacity=opacity, source=r["source"], title=title)
+
+# %% ../nbs/viz.ipynb #2fdebea2
+PLOTLYJS = ("cdn", "inline")  # where `show`'s HTML takes plotly.js from
+
+class FigureHTML:
+    "A plotly figure that displays as plotly JSON (JupyterLab) and as self-contained HTML (HTML exports, documentation)."
+    _inlined = False  # plotly.js embedded once per process with plotlyjs="inline"
+
+    def __init__(self,
+                 fig: go.Figure,                 # the figure
+                 plotlyjs: str | None = None,    # "cdn" or "inline" (None: `SARA_PLOTLYJS`, default "cdn")
+                ):
+        self.fig = fig
+        self.plotlyjs = plotlyjs or os.environ.get("SARA_PLOTLYJS", "cdn")
+        if self.plotlyjs not in PLOTLYJS: raise ValueError(f"plotlyjs must be one of {PLOTLYJS}, got {self.plotlyjs!r}")
+
+    def html(self) -> str:  # a <div> with the figure and the script that draws it
+        "The figure as an HTML fragment; the div id is derived from the figure, so re-running gives the same output."
+        js = "cdn" if self.plotlyjs == "cdn" else not FigureHTML._inlined
+        if self.plotlyjs == "inline": FigureHTML._inlined = True
+        spec = self.fig.to_json()
+        div = "sara-fig-" + uuid.uuid5(uuid.NAMESPACE_OID, spec).hex[:12]
+        return self.fig.to_html(full_html=False, include_plotlyjs=js, div_id=div)
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        return {"application/vnd.plotly.v1+json": json.loads(self.fig.to_json()), "text/html": self.html(),
+                "text/plain": f"<plotly figure: {self.fig.layout.title.text or 'untitled'}>"}
+
+def show(
+    fig: go.Figure,               # a plotly figure
+    plotlyjs: str | None = None,  # "cdn" or "inline" (None: `SARA_PLOTLYJS`, default "cdn")
+) -> FigureHTML:                  # displays itself as the last expression of a cell
+    "Wrap a figure so that it displays in JupyterLab and survives `jupyter nbconvert --to html`."
+    return FigureHTML(fig, plotlyjs)
+
+# %% ../nbs/viz.ipynb #98b380d2
+def run_story(
+    run_dir: str | Path,         # a Stage 2 run folder (config.json, metrics.jsonl; the cache it trained on)
+    clip_id: str | None = None,  # the clip of the saliency picture (None: the first clip of the cache)
+    frame: int | None = None,    # its frame (None: the middle one)
+    opacity: float = 0.6,        # strength of the saliency overlay
+) -> go.Figure:                  # losses | saliency picture | pair budget
+    "Loss curves, a saliency picture and the routing budget of a run, in one figure."
+    from sara.config import load_config
+    from sara.train import SALIENCY_OF, read_metrics
+    from sara.precompute import open_cache
+    run_dir = Path(run_dir)
+    for f in ("config.json", "metrics.jsonl"):
+        if not (run_dir / f).is_file(): raise FileNotFoundError(f"{run_dir}: no {f}; not a run folder written by sara.train")
+    cfg = load_config(run_dir / "config.json")
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "fm" in r]
+    op = cfg.routing_op or "uniform"
+    ops = ["uniform"] + ([op] if op != "uniform" else [])
+    try:                                   # the saliency panels need the run's cache and the clip's frames
+        cache_dir = run_cache(cfg)
+        clip = cache_clip(cache_dir, clip_id, source=cfg.saliency)
+        cache = open_cache(cache_dir)
+        w_all = torch.stack([cache[c][SALIENCY_OF[clip["source"]]].float().flatten() for c in cache.ids])  # clips, N
+        budgets = {o: budget_shares(w_all.double(), o) for o in ops}
+        missing = ""
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        clip, missing = None, f"no saliency picture: {e}"
+    sal_title = f"clip {clip['id']}: w from {clip['source']}" if clip else "saliency"
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.16, specs=[[{"secondary_y": True}, {}, {}]],
+                        subplot_titles=("losses", sal_title, "pair budget (w >= 0.5 is foreground)"))
+    steps = [r["step"] for r in rows]
+    fig.add_trace(go.Scatter(x=steps, y=[r["fm"] for r in rows], name="flow matching", mode="lines"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=steps, y=[r["trd"] for r in rows], name="TRD", mode="lines"), row=1, col=1, secondary_y=True)
+    if clip is None:
+        for c in (2, 3):
+            sp = fig.get_subplot(1, c)
+            fig.add_annotation(text=missing[:120], showarrow=False, x=0.5, y=0.5, xref=sp.xaxis.plotly_name.replace("axis", "") + " domain",
+                               yref=sp.yaxis.plotly_name.replace("axis", "") + " domain")
+    else:
+        f = len(clip["frames"]) // 2 if frame is None else frame
+        g = clip["w"].reshape(clip["grid"])                                    # T', H', W'
+        t = token_time(f, len(clip["frames"]), g.shape[0])
+        fig.layout.annotations[1].text = f"{sal_title}, frame {f}"
+        fig.add_trace(_image_trace(to_uint8_frames(clip["frames"])[f], g.shape[1:], name="frame"), row=1, col=2)
+        fig.add_trace(_overlay_trace(g[t].numpy(), _check_opacity(opacity), _colorbar(fig, 1, 2, "w (dimmed where low)"), name="w"), row=1, col=2)
+        for s, colour in (("fg_fg", "#d62728"), ("fg_bg", "#ff7f0e"), ("bg_bg", "#7f7f7f")):
+            fig.add_trace(go.Bar(x=ops, y=[budgets[o][s] for o in ops], name=s.replace("_", "-").upper(), marker_color=colour,
+                                 text=[f"{budgets[o][s]:.0%}" for o in ops], textposition="inside"), row=1, col=3)
+        fig.update_xaxes(range=[-0.5, g.shape[2] - 0.5], row=1, col=2)
+        fig.update_yaxes(range=[g.shape[1] - 0.5, -0.5], row=1, col=2)
+    fig.update_xaxes(title_text="step", row=1, col=1)
+    fig.update_yaxes(title_text="flow matching", row=1, col=1); fig.update_yaxes(title_text="TRD", secondary_y=True, row=1, col=1)
+    fig.update_xaxes(showgrid=False, zeroline=False, showticklabels=False, row=1, col=2)
+    fig.update_yaxes(showgrid=False, zeroline=False, showticklabels=False, row=1, col=2)
+    fig.update_yaxes(range=[0, 1], tickformat=".0%", row=1, col=3)
+    last = rows[-1] if rows else {}
+    head = (f"run {cfg.run_name}: {cfg.method}" + (f" ({op} routing)" if cfg.method == "sara" else "")
+            + (f", {last['step']} steps, final flow matching {last['fm']:.3f}, TRD {last['trd']:.3f}" if rows else ", no steps logged"))
+    fig.update_layout(barmode="stack", height=380, width=1100, margin=dict(l=40, r=40, t=80, b=60),
+                      title=dict(text=head, x=0.01, y=0.97, font=dict(size=14)),
+                      legend=dict(orientation="h", x=0, y=-0.15, yanchor="top", font=dict(size=10)))
+    return fig
 
 # %% ../nbs/viz.ipynb #5b495738
 def demo_inputs(

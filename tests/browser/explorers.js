@@ -69,15 +69,17 @@ async function poll(fn, what, timeout = 60000) {
       await page.screenshot({ path: path.join(out, `${name}.png`), clip: box });
       return box;
     };
-    const slider = async (k, dx) => {   // drag the k-th ipywidgets slider handle by dx pixels
-      const h = page.locator(".widget-slider .noUi-handle").nth(k);
+    // the k-th ipywidgets slider labelled `frame` (each explorer also has opacity / margin sliders)
+    const frameSlider = (k) => page.locator(".widget-slider").filter({ has: page.locator(".widget-label", { hasText: /^frame$/ }) }).nth(k);
+    const slider = async (k, dx) => {   // drag the handle of the k-th frame slider by dx pixels
+      const h = frameSlider(k).locator(".noUi-handle");
       await h.scrollIntoViewIfNeeded();
       const b = await h.boundingBox();
       await page.mouse.move(b.x + b.width / 2, b.y + b.height / 2);
       await page.mouse.down();
       for (let s = 1; s <= 10; s++) await page.mouse.move(b.x + b.width / 2 + (dx * s) / 10, b.y + b.height / 2);
       await page.mouse.up();
-      return page.locator(".widget-slider .widget-readout").nth(k).innerText();
+      return frameSlider(k).locator(".widget-readout").innerText();
     };
     // --- saliency explorer: frame slider
     await plots.nth(0).scrollIntoViewIfNeeded();
