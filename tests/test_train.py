@@ -46,6 +46,15 @@ def test_papermill_runs_train_notebook(tmp_path, cache_dir):
     assert json.loads((run / "config.json").read_text())["config"]["method"] == "sara"
     nb = json.loads(out.read_text())
     assert any("plotly" in json.dumps(c.get("outputs", [])) for c in nb["cells"]), "the loss curve must be drawn"
+    # the run's story (losses, saliency picture, budget) survives an HTML export and is linked from the top (issue 16)
+    r = subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", "--stdout", "--log-level", "ERROR", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    page = r.stdout
+    link, anchor, fig = 'href="#Results-of-this-run"', 'id="Results-of-this-run"', 'class="plotly-graph-div"'
+    assert link in page and anchor in page and fig in page, "the HTML export lost the results section or its figure"
+    assert page.index(link) < page.index(anchor) < page.index(fig)
+    assert "Plotly.newPlot" in page and "pair budget" in page and "run pm: sara (or routing), 2 steps" in page
 
 
 def test_methods_share_data_order_and_lam0_equals_sft(cfg_for):
