@@ -1,9 +1,13 @@
-"""Benchmark of the routed TRD loss, forward + backward (issue 6, table 1).
+"""Benchmark of the routed TRD loss, forward + backward (issue 6, table 1; issue 12, the auto rule).
 
-Implementations: `naive` (the dense formula in the input dtype, as in the issue's 'naive bf16'),
-`reference` (`sara.trd.trd_reference`: dense, computed in float32 for bf16 inputs), `compile`
-(`torch.compile` of `naive`), `chunked` (`sara.trd.trd_chunked`) and `triton`
-(`sara.trd_triton.trd_triton`). For each cell: median time of forward+backward (CUDA events),
+Implementations: `naive` (the dense formula in the input dtype, as in the issue's 'naive bf16'; not exact for
+bf16: its similarities are bf16), `reference` (`sara.trd.trd_reference`: dense, computed in float32 for bf16
+inputs), `compile` (`torch.compile` of `naive`), `chunked` (`sara.trd.trd_chunked`), `dense`
+(`sara.trd.trd_dense`: the dense formula with float32-output GEMMs, saved difference) and `triton`
+(`sara.trd_triton.trd_triton`). After the cells it prints, per size, the exact implementations' times, the
+one `impl="auto"` picks (`sara.trd.trd_auto_choice` with the free memory measured at that cell) and its time
+over the best exact one and over `naive`; `--json` keeps the measurements and `--replay` prints that table
+again from them with the rule as it is now. For each cell: median time of forward+backward (CUDA events),
 time per sample, peak extra memory (max_memory_allocated minus what was allocated before the step:
 the inputs), achieved TFLOP/s counting 10 N^2 D flops per sample, and that rate over the card's
 measured bf16 matmul rate (an 8192^3 bf16 product timed in the same run).
@@ -11,10 +15,12 @@ measured bf16 matmul rate (an 8192^3 bf16 product timed in the same run).
 Inputs: p (B, N, D) requires grad, y (B, N, D) frozen (no grad, as the VFM target in training;
 `--grad-y` to differentiate it too), w = uniform random saliency, op `or`, margin 0.1.
 
-    PYTHONPATH=. python3 bench/bench_trd.py                      # the full table (about 8 minutes on an H100)
+    PYTHONPATH=. python3 bench/bench_trd.py --json out.json     # the full table and the auto table (about 3 minutes on an H200)
     PYTHONPATH=. python3 bench/bench_trd.py --n 8192 --b 1 --impls naive,triton --dtypes bf16
+    python3 bench/bench_trd.py --replay out.json                 # the auto table again, from saved measurements (no GPU)
 """
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -23,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
-IMPLS = ("naive", "reference", "compile", "chunked", "triton")
+IMPLS = ("naive", "reference", "compile", "chunked", "dense", "triton")
+EXACT = ("reference", "chunked", "dense", "triton")  # what impl="auto" chooses among
 
 
 def naive_trd(p, y, w, op="or", margin=0.1):
@@ -44,6 +51,9 @@ def get_impl(name):
     if name == "chunked":
         from sara.trd import trd_chunked
         return trd_chunked
+    if name == "dense":
+        from sara.trd import trd_dense
+        return trd_dense
     if name == "triton":
         from sara.trd_triton import trd_triton
         return trd_triton
@@ -104,8 +114,10 @@ def check_correctness(N=4097, D=1024, B=2):
 
 
 def bench_cell(fn, B, N, D, dtype, grad_y, budget_s):
-    "(ms per step, peak extra bytes) of forward+backward, or a string saying why not."
+    "(ms per step, peak extra bytes, reps, warm-up s, free bytes) of forward+backward, or a string saying why not."
+    from sara.trd import trd_free_bytes
     p, y, w = make_inputs(B, N, D, dtype, grad_y)
+    free = trd_free_bytes(p.device)  # what impl="auto" would see here (inputs allocated, nothing else)
     def step():
         p.grad = None; y.grad = None
         fn(p, y, w, "or", 0.1).backward()
@@ -113,41 +125,78 @@ def bench_cell(fn, B, N, D, dtype, grad_y, budget_s):
         t0 = time.time()
         step(); torch.cuda.synchronize()          # warm-up: compilation, autotuning, allocator
         t1 = time.time()
-        step(); torch.cuda.synchronize()
-        one = time.time() - t1
         p.grad = None; y.grad = None
         torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step(); torch.cuda.synchronize()
+        step(); torch.cuda.synchronize()          # timed by the wall clock only to size the repetitions
+        one = time.time() - t1
         peak = torch.cuda.max_memory_allocated() - base
-        reps = int(max(3, min(20, budget_s / max(one, 1e-4))))
+        reps = int(max(2, min(20, budget_s / max(one, 1e-4))))
         ms = cuda_time(step, reps)
-        return ms, peak, reps, t1 - t0
+        return ms, peak, reps, t1 - t0, free
     except torch.OutOfMemoryError:
         return "OOM"
+    except Exception as e:  # a failing impl must not cost the other cells
+        return f"error: {type(e).__name__}: {str(e)[:120]}"
     finally:
         del p, y, w
         torch.cuda.empty_cache()
 
 
+def auto_table(results):
+    """Per (dtype, B, N): the exact implementations' ms, the best, `naive`, the auto pick (the rule in
+    `sara.trd.trd_auto_choice`, fed the free memory recorded at the cell) and its time over the best and over naive."""
+    from sara.trd import trd_auto_choice
+    cells = {}
+    for r in results:
+        cells.setdefault((r["dtype"], r["B"], r["N"]), {})[r["impl"]] = r
+    cols = [i for i in IMPLS if i in {r["impl"] for r in results} and i != "compile"]
+    lines = [f"{'dtype':5s} {'B':>2s} {'N':>6s} | " + " ".join(f"{c:>9s}" for c in cols) +
+             f" | {'best':>9s} | {'auto pick':>9s} {'auto/best':>9s} {'auto/naive':>10s}"]
+    worst_best = worst_naive = 0.0
+    for (dn, B, N), c in cells.items():
+        ms = {i: c[i]["ms"] for i in c if isinstance(c[i].get("ms"), float)}
+        exact = {i: t for i, t in ms.items() if i in EXACT}
+        free = next((c[i]["free"] for i in c if c[i].get("free") is not None), None)
+        D = next(iter(c.values()))["D"]
+        pick = trd_auto_choice(B, N, DT[dn], "cuda", free, triton=True, D=2 * D)  # p and y both D wide
+        best = min(exact, key=exact.get) if exact else None
+        row = f"{dn:5s} {B:2d} {N:6d} | " + " ".join(f"{ms[i]:9.2f}" if i in ms else f"{'-':>9s}" for i in cols)
+        if best is None or pick not in ms:
+            lines.append(row + f" | {'-':>9s} | {pick:>9s} (not measured)")
+            continue
+        rb = ms[pick] / exact[best]
+        rn = ms[pick] / ms["naive"] if "naive" in ms else float("nan")
+        worst_best = max(worst_best, rb)
+        if rn == rn: worst_naive = max(worst_naive, rn)
+        lines.append(row + f" | {best:>9s} | {pick:>9s} {rb:9.2f} {rn:10.2f}")
+    lines.append(f"worst auto/best {worst_best:.2f}, worst auto/naive {worst_naive:.2f} (ms per forward+backward step)")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", default="3600,8192,16384,32768", help="comma-separated token counts N")
+    ap.add_argument("--n", default="1024,2048,4096,8192,16384,32768", help="comma-separated token counts N")
     ap.add_argument("--b", default="1,4", help="comma-separated batch sizes B")
     ap.add_argument("--d", type=int, default=1024, help="feature width D (p and y)")
     ap.add_argument("--dtypes", default="bf16,fp32", help="comma-separated, from bf16, fp32")
-    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {', '.join(IMPLS)}")
+    ap.add_argument("--impls", default="dense,triton,naive,reference,chunked", help=f"comma-separated, from {', '.join(IMPLS)}")
     ap.add_argument("--grad-y", action="store_true", help="y requires grad too")
-    ap.add_argument("--no-tf32", action="store_true", help="keep torch's float32 matmuls in full float32")
+    ap.add_argument("--tf32", action="store_true", help="let torch's float32 matmuls use TF32 (naive/compile only: the "
+                    "sara implementations always multiply float32 in full float32)")
     ap.add_argument("--time-limit", type=float, default=480, help="seconds; later cells are skipped past it")
-    ap.add_argument("--cell-budget", type=float, default=2.0, help="seconds of timed repetitions per cell")
-    ap.add_argument("--slow-max-n", type=int, default=32768,
+    ap.add_argument("--cell-budget", type=float, default=0.5, help="seconds of timed repetitions per cell")
+    ap.add_argument("--slow-max-n", type=int, default=16384,
                     help="skip naive/reference/compile/chunked cells with B*N above 4x this")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    ap.add_argument("--json", help="write the measurements here (for --replay)")
+    ap.add_argument("--replay", help="print the auto table from this --json file and exit (no GPU needed)")
     a = ap.parse_args(argv)
+    if a.replay:
+        print(auto_table(json.load(open(a.replay))["results"])); return
     if not torch.cuda.is_available(): sys.exit("bench_trd needs a CUDA device")
     start = time.time()
-    torch.backends.cuda.matmul.allow_tf32 = not a.no_tf32
+    torch.backends.cuda.matmul.allow_tf32 = a.tf32
     Ns = [int(x) for x in a.n.split(",")]
     Bs = [int(x) for x in a.b.split(",")]
     dts = a.dtypes.split(",")
@@ -156,11 +205,11 @@ def main(argv=None):
         if i not in IMPLS: sys.exit(f"unknown impl {i!r}; allowed: {', '.join(IMPLS)}")
     import triton
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"tf32 for float32 matmuls: {not a.no_tf32}, y requires grad: {a.grad_y}", flush=True)
+          f"tf32 for naive float32 matmuls: {a.tf32}, y requires grad: {a.grad_y}", flush=True)
     rate = matmul_rate()
     print(f"measured bf16 matmul (8192^3): {rate:.0f} TFLOP/s", flush=True)
     if not a.no_check and "triton" in impls: check_correctness()
-    rows = []
+    rows, results = [], []
     hdr = f"{'impl':10s} {'dtype':5s} {'B':>2s} {'N':>6s} | {'ms/step':>9s} {'ms/sample':>9s} {'peak extra GiB':>14s} {'TFLOP/s':>8s} {'of mm':>6s} | reps"
     print(hdr, flush=True)
     for dn in dts:
@@ -169,7 +218,7 @@ def main(argv=None):
                 for impl in impls:
                     tag = f"{impl:10s} {dn:5s} {B:2d} {N:6d} |"
                     left = a.time_limit - (time.time() - start)
-                    if impl != "triton" and B * N > 4 * a.slow_max_n:
+                    if impl in ("naive", "reference", "compile", "chunked") and B * N > 4 * a.slow_max_n:
                         line = f"{tag} skipped (B*N above --slow-max-n)"
                     elif left < 10:
                         line = f"{tag} skipped (time limit {a.time_limit:.0f} s reached)"
@@ -177,8 +226,10 @@ def main(argv=None):
                         r = bench_cell(get_impl(impl), B, N, a.d, DT[dn], a.grad_y, min(a.cell_budget, left / 4))
                         if isinstance(r, str):
                             line = f"{tag} {r}"
+                            results.append(dict(impl=impl, dtype=dn, B=B, N=N, D=a.d, ms=r))
                         else:
-                            ms, peak, reps, warm = r
+                            ms, peak, reps, warm, free = r
+                            results.append(dict(impl=impl, dtype=dn, B=B, N=N, D=a.d, ms=ms, peak=peak, free=free))
                             tf = 10 * N * N * a.d * B / (ms * 1e-3) / 1e12
                             line = (f"{tag} {ms:9.2f} {ms / B:9.2f} {peak / 2**30:14.3f} {tf:8.0f} "
                                     f"{100 * tf / rate:5.0f}% | {reps} (warm-up {warm:.1f} s)")
@@ -188,6 +239,12 @@ def main(argv=None):
           f"bf16 matmul {rate:.0f} TFLOP/s; wall {time.time() - start:.0f} s")
     print(hdr)
     for l in rows: print(l)
+    print("\nimpl=\"auto\" against the measured times (exact implementations: " + ", ".join(EXACT) + ")")
+    print(auto_table(results))
+    if a.json:
+        with open(a.json + ".tmp", "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, D=a.d, results=results), f)
+        import os; os.replace(a.json + ".tmp", a.json)
 
 
 if __name__ == "__main__":

@@ -280,6 +280,13 @@ def _mm(a, b, cdt):
 
 
 # %% ../nbs/trd.ipynb #d46a788a
+def _row_weights(w, op):
+    """(α, β), each B, N, with W(w_i, w_j) = α_i + β_i w_j: every routing operator is affine in its second argument,
+    so Σ_j W_ij h_ij = α_i Σ_j h_ij + β_i Σ_j w_j h_ij needs two row sums, not a (B, N, N) weight matrix."""
+    a = route(w, torch.zeros_like(w), op, check=False)
+    return a, route(w, torch.ones_like(w), op, check=False) - a
+
+
 class _TRDDense(torch.autograd.Function):
     "TRD from the dense (B, N, N) S_p - S_y of the raw tokens, formed once and saved for the backward."
 
@@ -291,9 +298,14 @@ class _TRDDense(torch.autograd.Function):
             ip, iy = _inv_norm(p, cdt), _inv_norm(y, cdt)                            # B, N
             diff = _mm(p, p.mT, cdt).mul_(ip[:, :, None]).mul_(ip[:, None, :])      # B, N, N  S_p
             diff.sub_(_mm(y, y.mT, cdt).mul_(iy[:, :, None]).mul_(iy[:, None, :]))  # B, N, N  S_p - S_y
+            ab = None if w is None else _row_weights(w, op)
+            w1 = None if w is None else torch.stack([torch.ones_like(w), w], -1)    # B, N, 2
             acc = torch.zeros((), dtype=torch.float64, device=p.device)
             for r0 in range(0, N, block):
-                acc += _block_loss(diff[:, r0:r0 + block], w, r0, op, margin)
+                h = F.softshrink(diff[:, r0:r0 + block], margin).abs_()  # B, r, N  relu(|d| - margin)
+                if w is None: acc += h.sum().to(torch.float64); continue
+                s = torch.bmm(h, w1)                                      # B, r, 2  Σ_j h_ij, Σ_j w_j h_ij
+                acc += (ab[0][:, r0:r0 + block] * s[..., 0] + ab[1][:, r0:r0 + block] * s[..., 1]).sum().to(torch.float64)
         ctx.save_for_backward(p, y, ip, iy, w, z, diff)
         ctx.op, ctx.margin, ctx.block = op, margin, block
         return (acc / torch.where(z > 0, z, torch.ones_like(z)).to(torch.float64)).to(cdt)
@@ -306,14 +318,23 @@ class _TRDDense(torch.autograd.Function):
         with trd_exact_math(p.device):
             cdt, N = diff.dtype, diff.shape[1]
             scale = 2 * g.to(cdt) / torch.where(z > 0, z, torch.ones_like(z))  # z == 0 means G == 0
-            # acc_i = inv_i dL/dx̂_i = 2 scale inv_i Σ_j G_ij inv_j x_j: G ⊙ inv_j multiplies the raw tokens
+            ab = None if w is None else _row_weights(w, ctx.op)
+            # dL/dx̂_i = 2 scale Σ_j W_ij s_ij x̂_j with s = sign(d) 1[|d| > margin] in {-1, 0, 1} (exact in bf16):
+            # one GEMM of s against [x̂, w ⊙ x̂], then α_i, β_i per row
+            xs = []
+            for x, inv, _ in tg:
+                xh = x.to(cdt) * inv[:, :, None]                                    # B, N, D
+                xs.append((xh if w is None else torch.cat([xh, xh * w[:, :, None]], -1)).to(_gemm_dtype(x, cdt)))
             accs = [torch.empty(x.shape, dtype=cdt, device=x.device) for x, _, _ in tg]  # B, N, D
-            xgs = [x.to(_gemm_dtype(x, cdt)) for x, _, _ in tg]  # GEMM operands: raw half tokens, or upcast once
             for r0 in range(0, N, ctx.block):
                 r1 = min(N, r0 + ctx.block)
-                G = _block_grad(diff[:, r0:r1], w, r0, ctx.op, ctx.margin)  # B, r, N
-                for (x, inv, _), acc, xg in zip(tg, accs, xgs):
-                    acc[:, r0:r1] = _mm((G * inv[:, None, :]).to(xg.dtype), xg, cdt)
+                s = torch.sign(F.softshrink(diff[:, r0:r1], ctx.margin))  # B, r, N
+                for (x, _, _), acc, X in zip(tg, accs, xs):
+                    v = _mm(s.to(X.dtype), X, cdt)                          # B, r, D (or 2 D)
+                    if w is None: acc[:, r0:r1] = v; continue
+                    D = x.shape[2]
+                    acc[:, r0:r1] = v[..., :D] * ab[0][:, r0:r1, None] + v[..., D:] * ab[1][:, r0:r1, None]
+            del xs
             for (x, inv, sgn), acc in zip(tg, accs):
                 out.append(_normalize_grad(acc.mul_(inv[:, :, None]).mul_(scale), x, inv, sgn))
         dp = out.pop(0) if ctx.needs_input_grad[0] else None
@@ -329,11 +350,13 @@ def trd_dense_bytes(
     B: int,                               # batch size
     N: int,                               # tokens
     dtype: torch.dtype = torch.float32,   # computation dtype (`trd_compute_dtype`)
+    D: int = 0,                           # Dp + Dy, the two feature widths (their O(B N D) buffers)
 ) -> int:                                 # bytes
     """Peak memory `trd_dense` takes beyond its inputs and their gradients: the two (B, N, N) products of the
-    forward plus four row blocks of temporaries (|d|, W and `route`'s two intermediates)."""
-    nn = B * N * N * torch.empty((), dtype=dtype).element_size()
-    return 2 * nn + 4 * min(nn, _DENSE_BLOCK_BYTES)
+    forward, four row blocks of temporaries, and the backward's GEMM operands [x̂, w ⊙ x̂] and accumulators."""
+    es = torch.empty((), dtype=dtype).element_size()
+    nn = B * N * N * es
+    return 2 * nn + 4 * min(nn, _DENSE_BLOCK_BYTES) + 3 * B * N * D * es
 
 
 def trd_dense(
@@ -356,6 +379,7 @@ def _trd_dense(p, y, w, op, margin, block=None):  # `trd_dense` on arguments `ch
     with trd_exact_math(p.device):
         z = _total_weight(w, op, B, N, cdt, p.device)
         return _TRDDense.apply(p, y, None if w is None else w.to(cdt), z, op, float(margin), block)
+
 
 
 # %% ../nbs/trd.ipynb #800179e9
@@ -416,17 +440,18 @@ def trd_auto_choice(
     device_type: str,        # "cuda", "cpu", ...
     free_bytes: int | None,  # memory the loss may take (`trd_free_bytes`); None: unknown, never the dense formula
     triton: bool = True,     # whether the fused Triton kernel can run here
+    D: int = 0,              # Dp + Dy (enters the dense formula's memory estimate)
 ) -> str:                    # a concrete implementation from `TRD_IMPLS`
     """The rule behind `impl="auto"`: the fastest exact implementation at the measured crossover (bench/README.md).
     Off CUDA "chunked" (no N^2 memory). On CUDA the dense formula is a candidate only where it fits
-    (`trd_dense_bytes(B, N)` <= 80 % of `free_bytes`); then float32/float64 inputs take "dense" (full-float32
+    (`trd_dense_bytes(B, N, dtype, D)` <= 80 % of `free_bytes`); then float32/float64 inputs take "dense" (full-float32
     cuBLAS) and half inputs take it up to the crossover N (`_DENSE_MAX_N_HALF`, per batch size). Otherwise half and
-    float32 inputs take "triton" where it runs, and everything else "chunked". The feature width D does not enter:
+    float32 inputs take "triton" where it runs, and everything else "chunked". D enters the memory estimate only:
     both sides' products scale with D alike (the crossover was measured at D = 1024)."""
     if device_type != "cuda": return "chunked"
     half = dtype in _HALF
     cdt = torch.float32 if half else dtype
-    fits = free_bytes is not None and trd_dense_bytes(B, N, cdt) <= _DENSE_MEMORY_SHARE * free_bytes
+    fits = free_bytes is not None and trd_dense_bytes(B, N, cdt, D) <= _DENSE_MEMORY_SHARE * free_bytes
     if half:
         n_max = _DENSE_MAX_N_HALF[max([b for b in _DENSE_MAX_N_HALF if b <= B] or [min(_DENSE_MAX_N_HALF)])]
         if fits and N <= n_max: return "dense"
@@ -442,7 +467,9 @@ def trd_auto_impl(
 ) -> str:                           # a concrete implementation name from `TRD_IMPLS`
     "What `impl=\"auto\"` resolves to for these tensors: `trd_auto_choice` with the device's free memory now."
     dt = p.dtype if y is None or y.dtype == p.dtype else trd_compute_dtype(p, y)
-    return trd_auto_choice(p.shape[0], p.shape[1], dt, p.device.type, trd_free_bytes(p.device), _triton_ready())
+    D = p.shape[2] + (p.shape[2] if y is None else y.shape[2])
+    return trd_auto_choice(p.shape[0], p.shape[1], dt, p.device.type, trd_free_bytes(p.device), _triton_ready(), D)
+
 
 
 # %% ../nbs/trd.ipynb #5f721183
