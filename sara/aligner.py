@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -41,19 +42,20 @@ def toy_entries(
     size: int = 64,                 # frame side
 ) -> list[dict]:                    # entry dicts with the CACHE.md fields (flow_grid only where a flow file exists)
     "TEST/DEMO fixture: CACHE.md-style entries of a toy manifest, computed in memory."
-    from sara.data import ClipDataset, find_flow, load_flow, frame_indices
+    from sara.data import ClipDataset, find_flow, load_flow
     from sara.masks import reduce_to_grid, merge_entities, flow_to_grid
     from sara.vfm import build_vfm
     from sara.text import MiniLMEncoder
+    from sara.grids import target_frames
     vfm = build_vfm("tiny", seed=0) if vfm is None else vfm
     embedder = MiniLMEncoder() if embedder is None else embedder
     ds = ClipDataset(manifest, n_frames=n_frames, size=(size, size))
     geo, out = vfm.geometry, []
     for i in range(len(ds) if limit is None else min(limit, len(ds))):
         it, rec = ds[i], ds.records[i]
-        t_used = geo.usable_frames(it["video"].shape[0])
-        with torch.no_grad(): y = vfm(it["video"][None])[0].float()                        # T', H', W', D
-        mg = reduce_to_grid(it["masks"][:, :t_used], geo.tubelet, geo.patch).float()          # E, T', H', W'
+        t_used = 1 + geo.usable_frames(it["video"].shape[0] - 1)          # frames 1..t_used-1, as `sara.grids` says
+        with torch.no_grad(): y = vfm(target_frames(it["video"][None]))[0].float()          # T', H', W', D
+        mg = reduce_to_grid(it["masks"][:, 1:t_used], geo.tubelet, geo.patch).float()        # E, T', H', W'
         e = dict(id=it["id"], caption=it["caption"], entities=list(it["entities"]), y=y, masks_grid=mg,
                  w=merge_entities(mg, "max", entity_dim=0).flatten() if len(mg) else y.new_zeros(y.shape[:3].numel()),
                  entity_emb=embedder.embed(list(it["entities"])).float() if it["entities"] else y.new_zeros(0, embedder.dim),
@@ -61,7 +63,7 @@ def toy_entries(
         f = find_flow(rec)
         if f is not None:
             fl = load_flow(f)
-            fl = fl[frame_indices(fl.shape[0], n_frames)][:t_used]
+            fl = fl[it["frames"]][1:t_used]                                    # the frames the clip was sampled at, from frame 1
             e["flow_grid"] = flow_to_grid(fl, geo.tubelet, geo.patch).float()                 # T', H', W', 2
         out.append(e)
     return out
@@ -517,8 +519,13 @@ class _RunLog:
         if cfg.run_dir:
             d = Path(cfg.run_dir)
             if (d / "metrics.jsonl").exists() or (d / "head").exists():
-                if not cfg.overwrite: raise FileExistsError(f"{d} already holds a Stage 1 run; pass overwrite=True or another run_dir")
-                (d / "metrics.jsonl").unlink(missing_ok=True); shutil.rmtree(d / "head", ignore_errors=True)
+                if not cfg.overwrite:
+                    raise FileExistsError(f"{d} already holds a Stage 1 run; set overwrite=True (the earlier run is moved aside into "
+                                          "previous-<time>/) or choose another folder (run_name in nbs/aligner.ipynb, run_dir in Stage1Config)")
+                aside = d / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"   # nothing already computed is deleted
+                aside.mkdir()
+                for name in ("config.json", "metrics.jsonl", "curves.html", "baselines.json", "head"):
+                    if (d / name).exists(): os.replace(d / name, aside / name)
             d.mkdir(parents=True, exist_ok=True)
             self.file = d / "metrics.jsonl"
             with atomic_path(d / "config.json", overwrite=True) as tmp: tmp.write_text(json.dumps(asdict(cfg), indent=1))
