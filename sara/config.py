@@ -13,16 +13,29 @@ from .routing import ROUTING_OPS  # one source of truth for the allowed values
 from .trd import TRD_IMPLS
 
 # %% auto #0
-__all__ = ['SITE_DEFAULTS', 'SITE_PATH_KEYS', 'METHODS', 'SALIENCY_SOURCES', 'DEVICES', 'LAM_SCHEDULES', 'EXPERTS',
+__all__ = ['SITE_DEFAULTS', 'SITE_PATH_KEYS', 'PACKAGED', 'METHODS', 'SALIENCY_SOURCES', 'DEVICES', 'LAM_SCHEDULES', 'EXPERTS',
            'LOSS_WEIGHTINGS', 'MIXED_PRECISION', 'WEIGHTS_DTYPES', 'RUN_CHOICES', 'TASKS', 'TINY_FLOW_SHIFT',
-           'A14B_BOUNDARY', 'MODEL_FPS', 'find_settings', 'site_settings', 'ConfigError', 'config_error', 'closest',
-           'known_params', 'notebook_params', 'parse_bool', 'field_help', 'dataclass_args', 'run_cli', 'RunConfig',
-           'wan_facts', 'apply_wan_facts', 'make_config', 'save_config', 'load_config']
+           'A14B_BOUNDARY', 'MODEL_FPS', 'packaged', 'find_settings', 'site_settings', 'ConfigError', 'config_error',
+           'closest', 'known_params', 'notebook_params', 'parse_bool', 'field_help', 'dataclass_args', 'run_cli',
+           'RunConfig', 'wan_facts', 'apply_wan_facts', 'make_config', 'save_config', 'load_config']
 
 # %% ../nbs/config.ipynb #0126f342
 SITE_DEFAULTS = dict(data_root="data/toy", manifest="manifest.jsonl", cache_dir="cache", runs_dir="runs",
                      wan_model="tiny", vfm_model="tiny", text_model="minilm")
 SITE_PATH_KEYS = ("data_root", "cache_dir", "runs_dir")  # resolved against the settings file's folder
+
+# %% ../nbs/config.ipynb #c1c17de6
+PACKAGED = ("toy", "accelerate")  # folders shipped inside the package (sara/assets/): the toy world, accelerate configs
+
+def packaged(
+    name: str,  # "toy" (manifest, videos, masks, flow of the demo's toy world) or "accelerate" (FSDP / DeepSpeed configs)
+) -> Path:      # the folder inside the installed `sara` package
+    "A folder that `pip install` carries inside the package, so the library works outside the repository."
+    import sara
+    if name not in PACKAGED: raise ValueError(f"packaged folder must be one of {PACKAGED}, got {name!r}")
+    p = Path(sara.__file__).resolve().parent / "assets" / name
+    if not p.is_dir(): raise FileNotFoundError(f"{p} is missing: this sara installation lacks its package data (reinstall with pip)")
+    return p
 
 # %% ../nbs/config.ipynb #c270f6ba
 def find_settings(
@@ -57,6 +70,8 @@ def site_settings(
     for k in SITE_DEFAULTS:
         if env.get(f"SARA_{k.upper()}"): cfg[k] = env[f"SARA_{k.upper()}"]
     for k in SITE_PATH_KEYS: cfg[k] = str((root / cfg[k]).resolve())
+    if f is None and not env.get("SARA_DATA_ROOT") and not Path(cfg["data_root"]).is_dir():
+        cfg["data_root"] = str(packaged("toy"))   # no settings.ini, no ./data/toy: the toy world shipped with the package
     cfg["root"] = str(root)
     return cfg
 
