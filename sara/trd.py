@@ -328,7 +328,7 @@ class _TRDDense(torch.autograd.Function):
             accs = [torch.empty(x.shape, dtype=cdt, device=x.device) for x, _, _ in tg]  # B, N, D
             for r0 in range(0, N, ctx.block):
                 r1 = min(N, r0 + ctx.block)
-                s = torch.sign(F.softshrink(diff[:, r0:r1], ctx.margin))  # B, r, N
+                s = F.softshrink(diff[:, r0:r1], ctx.margin).sign_()  # B, r, N
                 for (x, _, _), acc, X in zip(tg, accs, xs):
                     v = _mm(s.to(X.dtype), X, cdt)                          # B, r, D (or 2 D)
                     if w is None: acc[:, r0:r1] = v; continue
