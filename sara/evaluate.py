@@ -1,4 +1,4 @@
-"""Sampling trained runs with diffusers' WanPipeline on fixed seeds, prompt suites, the VBench bridge, a VLM rubric judge with bootstrap intervals, a blind A/B user-study kit, and the comparison report.
+"""The benchmarks' own protocols on trained runs: VBench (standard mode), VideoPhy-2, a VLM rubric judge with paired statistics, a blind A/B user-study kit, and one comparison report.
 
 Docs: https://sara-workbench.github.io/sara/evaluate.html.md"""
 
@@ -7,7 +7,7 @@ Docs: https://sara-workbench.github.io/sara/evaluate.html.md"""
 # %% ../nbs/evaluate.ipynb #3923aea1
 from __future__ import annotations
 
-import configparser, hashlib, html, importlib.util, itertools, json, math, os, random, re, shutil
+import configparser, csv, hashlib, html, importlib.util, itertools, json, math, os, random, re, shutil, subprocess, sys
 from pathlib import Path
 
 import numpy as np
@@ -16,24 +16,31 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .config import find_settings, load_config
-from .data import atomic_path, load_video, read_manifest, sample_frames, write_video
+from .data import atomic_path, load_video, sample_frames
+from .sampling import (SAMPLING_DEFAULTS, build_pipeline, noise_seed, sample_clips, sample_videos, sampling_defaults,
+                           sampling_scheduler, to_uint8_video)  # re-exported: `from sara.evaluate import sample_clips` keeps working
+
 
 # %% auto #0
-__all__ = ['EVAL_DEFAULTS', 'TEXT_FOLLOWING', 'VBENCH_DIMENSIONS', 'SUITES', 'RUBRIC', 'eval_settings', 'write_json',
-           'vbench_prompt_lists', 'load_suite', 'load_run', 'sampling_scheduler', 'build_pipeline', 'noise_seed',
-           'to_uint8_video', 'sample_videos', 'sample_clips', 'pixel_stats', 'vbench_backend', 'run_vbench',
-           'make_rubric', 'judge_prompt', 'parse_score', 'TransformersJudge', 'make_tiny_judge_dir', 'judge_videos',
-           'bootstrap_ci', 'aggregate_scores', 'study_pairs', 'make_study', 'sign_test', 'tally_study', 'metrics_table',
-           'table_html', 'score_bars', 'frame_grid', 'write_report', 'evaluate_runs']
+__all__ = ['EVAL_DEFAULTS', 'TEXT_FOLLOWING', 'VBENCH_DIMENSIONS', 'SUITES', 'VBENCH_SAMPLES', 'VBENCH_FLICKER_SAMPLES',
+           'VBENCH_NORMALIZE', 'VBENCH_DIM_WEIGHT', 'VBENCH_QUALITY', 'VBENCH_SEMANTIC', 'VBENCH_QUALITY_WEIGHT',
+           'VBENCH_SEMANTIC_WEIGHT', 'RUBRIC', 'VIDEOPHY2_THRESHOLD', 'TOY_SCORE_FILES', 'eval_settings', 'write_json',
+           'vbench_info_path', 'vbench_suite', 'load_suite', 'load_run', 'pixel_stats', 'vbench_backend',
+           'prompt_of_file', 'cluster_bootstrap_ci', 'run_vbench', 'vbench_totals', 'make_rubric', 'judge_prompt',
+           'parse_score', 'TransformersJudge', 'make_tiny_judge_dir', 'judge_videos', 'bootstrap_ci',
+           'aggregate_scores', 'paired_bootstrap', 'paired_rubric', 'videophy2_prompts', 'videophy2_backend',
+           'videophy2_scores', 'run_videophy2', 'study_pairs', 'make_study', 'sign_test', 'tally_study', 'toy_scores',
+           'metrics_table', 'paired_table', 'table_html', 'score_bars', 'frame_grid', 'write_report', 'evaluate_runs']
 
 # %% ../nbs/evaluate.ipynb #32609f72
-EVAL_DEFAULTS = dict(judge_model="", vbench_dir="")  # keys of the `[evaluate]` section of settings.ini
+EVAL_DEFAULTS = dict(judge_model="", vbench_dir="", videophy2_prompts="", videophy2_repo="", videophy2_checkpoint="",
+                     videophy2_python="")  # keys of the `[evaluate]` section of settings.ini
 
 def eval_settings(
     path: str | Path | None = None,  # a settings.ini or a folder to search upward from (default: working directory)
     env: dict | None = None,         # environment for `SARA_<KEY>` overrides (default: `os.environ`)
-) -> dict:                           # judge_model, vbench_dir ("" when not set)
-    "The evaluation settings: `[evaluate]` of settings.ini, then `SARA_JUDGE_MODEL` / `SARA_VBENCH_DIR`."
+) -> dict:                           # every key of `EVAL_DEFAULTS` ("" when not set)
+    "The evaluation settings: `[evaluate]` of settings.ini, then `SARA_<KEY>` (e.g. `SARA_JUDGE_MODEL`, `SARA_VBENCH_DIR`)."
     env = os.environ if env is None else env
     out = dict(EVAL_DEFAULTS)
     f = Path(path) if path is not None and Path(path).is_file() else find_settings(path)
@@ -54,6 +61,7 @@ def write_json(
     "Write JSON atomically (temporary file in the same folder, then `os.replace`)."
     with atomic_path(path, overwrite=True) as tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=str))
     return Path(path)
+
 
 # %% ../nbs/evaluate.ipynb #efdff98f
 TEXT_FOLLOWING = {   # built-in text-following suite: dimension -> [(prompt, entities)]
@@ -89,55 +97,83 @@ VBENCH_DIMENSIONS = ("subject_consistency", "background_consistency", "temporal_
                      "appearance_style", "overall_consistency")  # VBench's 16 dimensions
 SUITES = ("text_following", "vbench")
 
+# VBench's standard protocol (github.com/Vchitect/VBench, prompts/README.md "How to Sample Videos for Evaluation"):
+VBENCH_SAMPLES = 5            # videos per prompt, named f"{prompt}-{index}.mp4", index 0..4
+VBENCH_FLICKER_SAMPLES = 25   # temporal_flickering: 25 per prompt, then VBench's static filter keeps up to 5
+# VBench scripts/constant.py: NORMALIZE_DIC (l. 64-81, (min, max)), DIM_WEIGHT (l. 32-49), QUALITY_LIST /
+# SEMANTIC_LIST (l. 100-119), QUALITY_WEIGHT = 4 and SEMANTIC_WEIGHT = 1 (l. 95-96); used by scripts/cal_final_score.py.
+VBENCH_NORMALIZE = dict(subject_consistency=(0.1462, 1.0), background_consistency=(0.2615, 1.0),
+                        temporal_flickering=(0.6293, 1.0), motion_smoothness=(0.706, 0.9975), dynamic_degree=(0.0, 1.0),
+                        aesthetic_quality=(0.0, 1.0), imaging_quality=(0.0, 1.0), object_class=(0.0, 1.0),
+                        multiple_objects=(0.0, 1.0), human_action=(0.0, 1.0), color=(0.0, 1.0),
+                        spatial_relationship=(0.0, 1.0), scene=(0.0, 0.8222), appearance_style=(0.0009, 0.2855),
+                        temporal_style=(0.0, 0.364), overall_consistency=(0.0, 0.364))
+VBENCH_DIM_WEIGHT = {d: (0.5 if d == "dynamic_degree" else 1.0) for d in VBENCH_DIMENSIONS}
+VBENCH_QUALITY = ("subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
+                  "aesthetic_quality", "imaging_quality", "dynamic_degree")
+VBENCH_SEMANTIC = ("object_class", "multiple_objects", "human_action", "color", "spatial_relationship", "scene",
+                   "appearance_style", "temporal_style", "overall_consistency")
+VBENCH_QUALITY_WEIGHT, VBENCH_SEMANTIC_WEIGHT = 4, 1
+
+
 # %% ../nbs/evaluate.ipynb #30c9e9cd
-def vbench_prompt_lists(
-    dimensions: list[str],  # VBench dimension names
-) -> dict:                  # {dimension: [prompt strings]}
-    """VBench's per-dimension prompt lists from the installed `vbench` package's own data
-    (`prompts_per_dimension/<dim>.txt` or `VBench_full_info.json`); ImportError with a clear message if absent."""
+def vbench_info_path() -> Path:  # the installed `vbench` package's VBench_full_info.json
+    "VBench's standard prompt suite as shipped by the `vbench` package (found without importing it); ImportError if absent."
     spec = importlib.util.find_spec("vbench")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the VBench suite needs the `vbench` package (pip install vbench), which ships the "
-                          "per-dimension prompt lists; it is not installed")
-    root = Path(list(spec.submodule_search_locations)[0])
-    out = {}
-    txt = {p.stem: p for p in root.rglob("prompts_per_dimension/*.txt")}
-    info = next(iter(root.rglob("VBench_full_info.json")), None)
-    full = json.loads(info.read_text()) if info else []
-    for d in dimensions:
-        if d in txt: out[d] = [l.strip() for l in txt[d].read_text().splitlines() if l.strip()]
-        else: out[d] = [e["prompt_en"] for e in full if d in e.get("dimension", [])]
-    if not any(out.values()):
-        raise ImportError(f"the installed vbench package at {root} ships no prompt lists for {list(dimensions)}")
-    return out
+    f = Path(list(spec.submodule_search_locations)[0]) / "VBench_full_info.json" if spec and spec.submodule_search_locations else None
+    if f is None or not f.is_file():
+        raise ImportError("VBench's prompt suite comes from the `vbench` package's VBench_full_info.json: "
+                          "pip install --no-deps vbench==0.1.5 (its own dependencies pin an old transformers; the "
+                          "scores themselves are best computed in VBench's own environment)")
+    return f
+
+def vbench_suite(
+    dimensions: list[str],            # VBench dimensions
+    n_prompts: int | None = None,     # keep the first n prompts of each dimension (None: VBench's full list)
+    full_info: str | Path | None = None,  # a VBench_full_info.json (None: the installed package's)
+) -> tuple[list[dict], list[str]]:    # (prompts {id = prompt text, prompt, dimension, dimensions, seeds, entities}, problems)
+    """VBench's standard prompts for `dimensions`, each distinct prompt once (several dimensions share prompts), with
+    VBench's sample count (`VBENCH_SAMPLES`, `VBENCH_FLICKER_SAMPLES`); the id is the prompt text, so the noise of
+    `"{prompt}-{i}.mp4"` is the same in every run and every dimension."""
+    problems = [f"suite 'vbench' has no dimension {d!r} (known: {', '.join(VBENCH_DIMENSIONS)}); skipped"
+                for d in dimensions if d not in VBENCH_DIMENSIONS]
+    dims = [d for d in dimensions if d in VBENCH_DIMENSIONS]
+    try: info = json.loads(Path(full_info or vbench_info_path()).read_text())
+    except ImportError as e: return [], problems + [str(e)]
+    by, taken = {}, {d: 0 for d in dims}
+    for e in info:
+        for d in e["dimension"]:
+            if d in taken and (n_prompts is None or taken[d] < n_prompts):
+                taken[d] += 1
+                by.setdefault(e["prompt_en"], []).append(d)
+    for d in dims:
+        if not taken[d]: problems.append(f"suite 'vbench': VBench's full info has no prompt for {d!r}")
+    out = [dict(id=p, prompt=p, dimension=ds[0], dimensions=ds, entities=[],
+                seeds=list(range(VBENCH_FLICKER_SAMPLES if "temporal_flickering" in ds else VBENCH_SAMPLES)))
+           for p, ds in by.items()]
+    return out, problems
 
 def load_suite(
     name: str = "text_following",  # one of `SUITES`
     dimensions: list[str] | None = None,  # dimensions to keep (None: all of the suite)
-    n_prompts: int | None = None,  # keep this many prompts, taken round-robin over the dimensions (None: all)
+    n_prompts: int | None = None,  # text_following: this many prompts round-robin over dimensions; vbench: per dimension
 ) -> tuple[list[dict], list[str]]: # (prompts {id, prompt, dimension, entities}, problems)
     "Load a prompt suite; unknown dimensions and an unavailable VBench become problems, not exceptions."
     if name not in SUITES: raise ValueError(f"unknown prompt suite {name!r}; choose one of {SUITES}")
-    known = list(TEXT_FOLLOWING) if name == "text_following" else list(VBENCH_DIMENSIONS)
+    if name == "vbench": return vbench_suite(list(dimensions or VBENCH_DIMENSIONS), n_prompts)
+    known = list(TEXT_FOLLOWING)
     dims = known if not dimensions else list(dimensions)
     problems = [f"suite {name!r} has no dimension {d!r} (known: {', '.join(known)}); skipped" for d in dims if d not in known]
-    dims = [d for d in dims if d in known]
-    per = {}
-    if name == "text_following":
-        per = {d: [dict(prompt=p, entities=list(e)) for p, e in TEXT_FOLLOWING[d]] for d in dims}
-    elif dims:
-        try: per = {d: [dict(prompt=p, entities=[]) for p in ps] for d, ps in vbench_prompt_lists(dims).items()}
-        except ImportError as e: problems.append(str(e))
-    for d in dims:
-        if d in per and not per[d]: problems.append(f"suite {name!r}: dimension {d!r} has no prompts")
+    per = {d: [dict(prompt=p, entities=list(e)) for p, e in TEXT_FOLLOWING[d]] for d in dims if d in known}
     prompts = []
-    for k, group in enumerate(itertools.zip_longest(*[[(d, i, x) for i, x in enumerate(per[d])] for d in per])):
+    for group in itertools.zip_longest(*[[(d, i, x) for i, x in enumerate(per[d])] for d in per]):
         for item in group:
             if item is None: continue
             d, i, x = item
             prompts.append(dict(id=f"{d}-{i:03d}", prompt=x["prompt"], dimension=d, entities=x["entities"]))
     if n_prompts is not None: prompts = prompts[:int(n_prompts)]
     return prompts, problems
+
 
 # %% ../nbs/evaluate.ipynb #93676e6b
 def load_run(
@@ -165,109 +201,6 @@ def load_run(
         if m is not None: m.eval().requires_grad_(False)
     return cfg, models
 
-# %% ../nbs/evaluate.ipynb #3a0fc41e
-def sampling_scheduler(
-    wan_model: str,   # "tiny" or a diffusers Wan2.2 directory
-    training_scheduler,  # the run's training scheduler (`models.wan.scheduler`), used for tiny models
-):                    # a fresh diffusers scheduler for inference
-    "The directory's own sampling scheduler (`scheduler/scheduler_config.json`), else a copy of the training one."
-    import diffusers
-    f = Path(str(wan_model)) / "scheduler" / "scheduler_config.json"
-    if wan_model != "tiny" and f.is_file():
-        cls = getattr(diffusers, json.loads(f.read_text()).get("_class_name", "UniPCMultistepScheduler"))
-        return cls.from_pretrained(str(Path(wan_model)), subfolder="scheduler", local_files_only=True)
-    return type(training_scheduler).from_config(training_scheduler.config)
-
-def build_pipeline(
-    models,               # `sara.train.Models` of a run (`load_run`)
-    cfg,                  # its `RunConfig`
-):                        # diffusers.WanPipeline without tokenizer / text encoder (prompt embeddings are passed)
-    "A WanPipeline around a run's DiT(s), VAE and sampling scheduler (A14B: both experts and their boundary)."
-    from diffusers import WanPipeline
-    index = Path(str(cfg.wan_model)) / "model_index.json"
-    info = json.loads(index.read_text()) if cfg.wan_model != "tiny" and index.is_file() else {}
-    wan = models.wan
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=wan.vae,
-                       scheduler=sampling_scheduler(cfg.wan_model, wan.scheduler), transformer=wan.transformer,
-                       transformer_2=wan.transformer_2,
-                       boundary_ratio=wan.boundary_ratio if wan.transformer_2 is not None else None,
-                       expand_timesteps=bool(info.get("expand_timesteps", False)))
-
-# %% ../nbs/evaluate.ipynb #bf581929
-def noise_seed(
-    prompt_id: str,  # the prompt's id in its suite
-    seed: int,       # one of the evaluation seeds
-) -> int:            # a seed in [0, 2**31) that depends only on (prompt_id, seed)
-    "The fixed noise seed of one prompt and evaluation seed (identical for every run, so methods share noise)."
-    return int.from_bytes(hashlib.sha256(f"{prompt_id}|{int(seed)}".encode()).digest()[:4], "big") & 0x7FFFFFFF
-
-def to_uint8_video(
-    video: np.ndarray | torch.Tensor,  # (T, H, W, C) float in [0, 1] (WanPipeline output_type="np")
-) -> torch.Tensor:                     # (T, C, H, W) uint8
-    "Pipeline frames to the uint8 layout `sara.data.write_video` takes."
-    v = torch.as_tensor(np.asarray(video, dtype=np.float32))
-    if v.ndim != 4 or v.shape[-1] not in (1, 3): raise ValueError(f"video must be (T, H, W, C), got shape {tuple(v.shape)}")
-    return (v.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 3, 1, 2).contiguous()
-
-# %% ../nbs/evaluate.ipynb #aaa6931b
-@torch.no_grad()
-def sample_videos(
-    pipe,                       # `build_pipeline(...)`
-    text_encoder,               # `sara.text.build_text_encoder(cfg.text_model)` (has `encode_prompts`)
-    prompts: list[dict],        # {id, prompt, ...} (a suite from `load_suite`)
-    out_dir: str | Path,        # where the mp4 files and index.json go
-    seeds: list[int] = (0,),    # evaluation seeds; each (prompt, seed) gets `noise_seed(id, seed)`
-    steps: int = 30,            # denoising steps
-    n_frames: int = 17,         # frames (4k + 1)
-    height: int = 64,           # pixels (multiple of 16)
-    width: int = 64,            # pixels (multiple of 16)
-    guidance_scale: float = 5.0,  # classifier-free guidance (1: off)
-    negative_prompt: str = "",  # the negative prompt of classifier-free guidance
-    fps: int = 8,               # frames per second of the mp4
-    meta: dict | None = None,   # extra fields of every index entry (e.g. method, run_dir)
-    progress: bool = False,     # diffusers progress bars
-) -> list[dict]:                # index entries (also written to out_dir/index.json)
-    "Sample every (prompt, seed) on fixed noise and write `<id>_s<seed>.mp4` plus `index.json` (atomically)."
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    pipe.set_progress_bar_config(disable=not progress)
-    dev = pipe.transformer.device if pipe.transformer is not None else pipe.transformer_2.device
-    neg = text_encoder.encode_prompts([negative_prompt])[0].to(dev) if guidance_scale > 1 else None
-    entries = []
-    for pr in prompts:
-        emb = text_encoder.encode_prompts([pr["prompt"]])[0].to(dev)       # 1, L, D
-        for s in seeds:
-            ns = noise_seed(pr["id"], s)
-            video = pipe(prompt_embeds=emb, negative_prompt_embeds=neg, height=height, width=width, num_frames=n_frames,
-                         num_inference_steps=steps, guidance_scale=guidance_scale,
-                         generator=torch.Generator("cpu").manual_seed(ns), output_type="np").frames[0]
-            name = f"{pr['id']}_s{s}.mp4"
-            write_video(out / name, to_uint8_video(video), fps=fps, overwrite=True)
-            entries.append(dict(file=name, prompt_id=pr["id"], prompt=pr["prompt"], dimension=pr.get("dimension", ""),
-                                entities=pr.get("entities", []), seed=int(s), noise_seed=ns, steps=steps,
-                                guidance_scale=guidance_scale, **(meta or {})))
-    write_json(out / "index.json", entries)
-    return entries
-
-# %% ../nbs/evaluate.ipynb #cf54152e
-def sample_clips(
-    models,                 # `sara.train.Models` of a run (the DiT is used as it is)
-    cfg,                    # the run's `RunConfig`
-    out: str | Path,        # folder for the mp4 files and index.json
-    cache=None,             # a `sara.precompute.TargetCache` whose first captions are sampled (None: the manifest's)
-    n: int = 2,             # how many captions
-    steps: int = 4,         # denoising steps
-    guidance_scale: float = 1.0,  # classifier-free guidance (validation default: off)
-) -> list[dict]:            # index entries
-    "Validation sampling of `sara.train.run_validation`: the first `n` captions of the run's data, fixed seeds."
-    from sara.text import build_text_encoder
-    if cache is not None: caps = [(cid, cache[cid]["caption"]) for cid in cache.ids[:n]]
-    else: caps = [(r.id, r.caption) for r in read_manifest(cfg.manifest)[:n]]
-    prompts = [dict(id=cid, prompt=c, dimension="validation", entities=[]) for cid, c in caps]
-    te = build_text_encoder(cfg.text_model).to(models.dit.device)
-    return sample_videos(build_pipeline(models, cfg), te, prompts, out, seeds=[cfg.seed], steps=steps,
-                         n_frames=cfg.n_frames, height=cfg.height, width=cfg.width, guidance_scale=guidance_scale,
-                         meta=dict(method=cfg.method, run_dir=cfg.run_dir))
-
 # %% ../nbs/evaluate.ipynb #22331aed
 def pixel_stats(
     video: torch.Tensor,  # (T, C, H, W) uint8
@@ -282,35 +215,68 @@ def pixel_stats(
 def vbench_backend(
     weights_dir: str,      # local VBench weights (VBENCH_CACHE_DIR layout)
     device: str = "cpu",   # device VBench runs on
-):                         # callable (dimension, video_dir, out_dir) -> float
-    "The `vbench` package as a backend; ImportError / FileNotFoundError with a clear message when unusable."
+):                         # callable (dimension, video_dir, out_dir) -> dict(score, videos=[{video_path, value}])
+    """The `vbench` package in its standard mode (`VBench.evaluate(..., mode="vbench_standard", local=True)`: each
+    dimension reads only its own prompts' `{prompt}-{i}.mp4` from VBench_full_info.json, no downloads);
+    temporal_flickering runs VBench's static filter first. ImportError / FileNotFoundError when unusable."""
     if importlib.util.find_spec("vbench") is None:
-        raise ImportError("the `vbench` package is not installed (pip install vbench)")
+        raise ImportError("the `vbench` package is not installed (pip install --no-deps vbench==0.1.5, plus its models' "
+                          "dependencies in VBench's own environment)")
     if not weights_dir or not Path(weights_dir).is_dir():
         raise FileNotFoundError(f"no VBench weights folder ({weights_dir!r}); set [evaluate] vbench_dir in settings.ini "
                                 "or SARA_VBENCH_DIR to a local VBENCH_CACHE_DIR")
-    def run(dimension: str, video_dir: Path, out_dir: Path) -> float:
-        os.environ["VBENCH_CACHE_DIR"] = str(weights_dir)
+    def run(dimension: str, video_dir: Path, out_dir: Path) -> dict:
+        os.environ["VBENCH_CACHE_DIR"] = str(weights_dir)   # read by vbench.utils at import time
         from vbench import VBench
-        spec = importlib.util.find_spec("vbench")
-        info = next(Path(list(spec.submodule_search_locations)[0]).rglob("VBench_full_info.json"))
         out_dir.mkdir(parents=True, exist_ok=True)
-        VBench(device, str(info), str(out_dir)).evaluate(videos_path=str(video_dir), name=dimension,
-                                                         dimension_list=[dimension], mode="custom_input")
-        res = json.loads((out_dir / f"{dimension}_eval_results.json").read_text())
-        return float(res[dimension][0])
+        vd = Path(video_dir)
+        if dimension == "temporal_flickering":   # VBench README: filter static videos first (vbench/cli/static_filter.py)
+            code = ("import sys; from vbench.cli.vbench import main; sys.argv = ['vbench', 'static_filter', '--videos_path', "
+                    f"{str(vd)!r}, '--result_path', {str(out_dir / 'static_filter')!r}]; main()")
+            subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "VBENCH_CACHE_DIR": str(weights_dir)})
+            vd = out_dir / "static_filter" / "filtered_videos"
+        VBench(device, str(vbench_info_path()), str(out_dir)).evaluate(videos_path=str(vd), name=dimension,
+                                                                       dimension_list=[dimension], local=True,
+                                                                       mode="vbench_standard")
+        score, per = json.loads((out_dir / f"{dimension}_eval_results.json").read_text())[dimension][:2]
+        return dict(score=float(score), videos=[dict(video_path=v["video_path"], value=float(v["video_results"]))
+                                                for v in per if isinstance(v, dict) and "video_results" in v])
     return run
 
+def prompt_of_file(
+    path: str | Path,  # a VBench sample, `{prompt}-{index}.mp4`
+) -> str:              # the prompt
+    "The prompt of a VBench file name, as `vbench.utils.get_prompt_from_filename` reads it (stem minus `-<digits>`)."
+    return re.sub(r"-\d+$", "", Path(path).stem)
+
+def cluster_bootstrap_ci(
+    values: list[float],    # one value per video
+    clusters: list,         # the cluster (prompt) of each value
+    n_boot: int = 1000,     # bootstrap resamples
+    ci: float = 0.95,       # interval mass
+    seed: int = 0,          # resampling seed
+) -> tuple:                 # (mean, lo, hi) of the per-video mean; NaNs for no values
+    "Percentile bootstrap of the mean that resamples whole clusters (a prompt's videos together)."
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0: return (float("nan"),) * 3
+    keys = list(dict.fromkeys(clusters))
+    sums = np.array([x[[c == k for c in clusters]].sum() for k in keys]); cnts = np.array([sum(c == k for c in clusters) for k in keys])
+    idx = np.random.default_rng(seed).integers(0, len(keys), (n_boot, len(keys)))
+    means = sums[idx].sum(1) / cnts[idx].sum(1)
+    a = (1 - ci) / 2
+    return float(x.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
 def run_vbench(
-    video_dir: str | Path,      # a folder of mp4 samples
+    video_dir: str | Path,      # the folder of `{prompt}-{index}.mp4` samples (`vbench_suite` + naming="vbench")
     dimensions: list[str],      # VBench dimensions to run
     out_dir: str | Path,        # where VBench writes its results
-    backend=None,               # callable (dimension, video_dir, out_dir) -> float; None: `vbench_backend(weights_dir, device)`
+    backend=None,               # callable (dimension, video_dir, out_dir) -> float or dict(score, videos); None: `vbench_backend`
     weights_dir: str = "",      # VBench weights folder (default backend)
     device: str = "cpu",        # device (default backend)
-) -> dict:                      # {"ran": {dim: score}, "not_run": {dim: reason}}
-    "Run VBench dimensions one by one; every dimension ends in `ran` or in `not_run` with a reason."
-    out = dict(ran={}, not_run={})
+    n_boot: int = 1000,         # bootstrap resamples of the intervals (prompts resampled as clusters)
+) -> dict:                      # {"ran": {dim: score}, "not_run": {dim: reason}, "ci": {dim: [lo, hi]}, "n_videos": {dim: n}}
+    "Run VBench dimensions one by one; every dimension ends in `ran` (with an interval when per-video scores exist) or in `not_run` with a reason."
+    out = dict(ran={}, not_run={}, ci={}, n_videos={})
     unknown = [d for d in dimensions if d not in VBENCH_DIMENSIONS]
     for d in unknown: out["not_run"][d] = f"not a VBench dimension (known: {', '.join(VBENCH_DIMENSIONS)})"
     dims = [d for d in dimensions if d not in unknown]
@@ -320,11 +286,32 @@ def run_vbench(
             for d in dims: out["not_run"][d] = str(e)
             return out
     for d in dims:
-        try: s = float(backend(d, Path(video_dir), Path(out_dir) / d))
+        try: res = backend(d, Path(video_dir), Path(out_dir) / d)
         except Exception as e: out["not_run"][d] = f"{type(e).__name__}: {e}"; continue
-        if math.isfinite(s): out["ran"][d] = s
-        else: out["not_run"][d] = f"VBench returned a non-finite score ({s})"
+        res = res if isinstance(res, dict) else dict(score=res, videos=[])
+        s = float(res["score"])
+        if not math.isfinite(s): out["not_run"][d] = f"VBench returned a non-finite score ({s})"; continue
+        out["ran"][d] = s
+        vids = res.get("videos") or []
+        out["n_videos"][d] = len(vids)
+        if vids:
+            _, lo, hi = cluster_bootstrap_ci([v["value"] for v in vids], [prompt_of_file(v["video_path"]) for v in vids], n_boot)
+            out["ci"][d] = [lo, hi]
     return out
+
+def vbench_totals(
+    ran: dict,   # {dimension: VBench's raw score} (`run_vbench(...)["ran"]`)
+) -> dict:       # normalized {dim: score}, quality, semantic, total (None when a needed dimension is missing), missing {...}
+    "VBench's quality, semantic and total scores (scripts/cal_final_score.py): min-max normalised, weighted; never with a missing dimension as 0."
+    norm = {d: (s - VBENCH_NORMALIZE[d][0]) / (VBENCH_NORMALIZE[d][1] - VBENCH_NORMALIZE[d][0]) * VBENCH_DIM_WEIGHT[d]
+            for d, s in ran.items() if d in VBENCH_NORMALIZE}
+    def part(dims):
+        miss = [d for d in dims if d not in norm]
+        return (None if miss else sum(norm[d] for d in dims) / sum(VBENCH_DIM_WEIGHT[d] for d in dims)), miss
+    (q, mq), (s, ms) = part(VBENCH_QUALITY), part(VBENCH_SEMANTIC)
+    total = None if q is None or s is None else (q * VBENCH_QUALITY_WEIGHT + s * VBENCH_SEMANTIC_WEIGHT) / (VBENCH_QUALITY_WEIGHT + VBENCH_SEMANTIC_WEIGHT)
+    return dict(normalized=norm, quality=q, semantic=s, total=total, missing=dict(quality=mq, semantic=ms))
+
 
 # %% ../nbs/evaluate.ipynb #c130a4ac
 RUBRIC = {  # name -> question; the default 13-dimension rubric (configurable with `make_rubric`)
@@ -383,14 +370,16 @@ def parse_score(
 # %% ../nbs/evaluate.ipynb #8557fae6
 class TransformersJudge:
     """A judge from a local transformers model: a vision-language model (`AutoModelForImageTextToText`, shown
-    `n_frames` frames) or a text-only causal LM (shown the text only; used by the tests with a tiny random model)."""
+    `n_frames` evenly spaced frames, at least 16 so that motion and physics can be judged) or a text-only causal LM
+    (shown the text only; used by the tests with a tiny random model). Decoding is greedy (no sampling, one beam)."""
     def __init__(self,
                  path: str,                # local model directory (the settings' `judge_model`)
                  max_new_tokens: int = 16, # generated tokens per answer
-                 n_frames: int = 4,        # frames shown to a VLM
+                 n_frames: int = 16,       # frames shown to a VLM (>= 16: motion needs them)
                  device: str = "cpu",      # where the model runs
                 ):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+        if n_frames < 16: raise ValueError(f"n_frames={n_frames}: the judge needs >= 16 frames to judge motion and physics")
         if not path or not Path(path).is_dir():
             raise FileNotFoundError(f"judge model {path!r} is not a local directory; set [evaluate] judge_model in "
                                     "settings.ini, SARA_JUDGE_MODEL or the notebook's judge_model parameter")
@@ -404,6 +393,10 @@ class TransformersJudge:
             self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
         self.model.to(device).eval()
         self.max_new_tokens, self.n_frames, self.device, self.name = max_new_tokens, n_frames, device, str(path)
+        self.decoding = dict(do_sample=False, num_beams=1)   # greedy: temperature 0, one answer per question
+
+    def describe(self) -> dict:  # what the report records about the judge
+        return dict(judge=self.name, n_frames=self.n_frames if self.vision else 0, decoding="greedy", **self.decoding)
 
     @torch.no_grad()
     def __call__(self,
@@ -423,7 +416,7 @@ class TransformersJudge:
                     if getattr(tok, "chat_template", None) else text)
             enc = tok(chat, return_tensors="pt")
             inputs = {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask") if k in enc}
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+        out = self.model.generate(**inputs, **self.decoding, max_new_tokens=self.max_new_tokens,
                                   pad_token_id=getattr(self.model.config, "pad_token_id", None) or 0)
         dec = self.processor.tokenizer if self.vision else self.processor
         return dec.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -444,6 +437,7 @@ def make_tiny_judge_dir(
         LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return Path(path)
+
 
 # %% ../nbs/evaluate.ipynb #50d2524b
 def judge_videos(
@@ -502,6 +496,119 @@ def aggregate_scores(
         rows.append(dict(method=m, dimension=d, mean=mean, lo=lo, hi=hi, n=len(vals),
                          unparsed=sum(r["status"] == "unparsed" for r in rs), errors=sum(r["status"] == "error" for r in rs)))
     return rows
+
+def paired_bootstrap(
+    a: dict,              # {pair key (e.g. (prompt_id, seed) or a file name): score} of method A
+    b: dict,              # the same for method B (only keys present in both are used)
+    n_boot: int = 1000,   # bootstrap resamples of the paired differences
+    ci: float = 0.95,     # interval mass
+    seed: int = 0,        # resampling seed
+) -> dict:                # mean_diff (A - B), lo, hi, p (two-sided sign-flip permutation test), n pairs
+    "Paired comparison on the same prompts and noise: bootstrap interval of the mean difference and a sign-flip test."
+    keys = sorted(set(a) & set(b), key=str)
+    d = np.array([float(a[k]) - float(b[k]) for k in keys])
+    if d.size == 0: return dict(mean_diff=float("nan"), lo=float("nan"), hi=float("nan"), p=float("nan"), n=0)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, (n_boot, d.size))].mean(1)
+    flips = (rng.integers(0, 2, (n_boot, d.size)) * 2 - 1) * d           # null: each difference's sign is a coin flip
+    p = (1 + np.sum(np.abs(flips.mean(1)) >= abs(d.mean()) - 1e-12)) / (n_boot + 1)
+    q = (1 - ci) / 2
+    return dict(mean_diff=float(d.mean()), lo=float(np.quantile(means, q)), hi=float(np.quantile(means, 1 - q)), p=float(p), n=int(d.size))
+
+def paired_rubric(
+    records: list[dict],  # `judge_videos` records of several methods on the same prompts and seeds
+    baseline: str,        # the method every other is compared with
+    n_boot: int = 1000,   # bootstrap resamples
+) -> list[dict]:          # per (method, dimension): method, baseline, dimension, mean_diff, lo, hi, p, n
+    "Paired rubric differences against a baseline, matched on (prompt_id, seed); unparsed answers drop their pair."
+    by = {}
+    for r in records:   # every (method, dimension) gets a row, n = 0 when no pair has two scores
+        sc = by.setdefault((r["method"], r["dimension"]), {})
+        if r["status"] == "scored": sc[(r["prompt_id"], r["seed"])] = r["score"]
+    rows = []
+    for (m, d), sc in by.items():
+        if m == baseline: continue
+        rows.append(dict(method=m, baseline=baseline, dimension=d, **paired_bootstrap(sc, by.get((baseline, d), {}), n_boot)))
+    return rows
+
+
+# %% ../nbs/evaluate.ipynb #45838d74
+VIDEOPHY2_THRESHOLD = 4   # joint score: SA >= 4 and PC >= 4 (VideoPhy-2 README, VIDEOPHY2/README.md)
+
+def videophy2_prompts(
+    path: str | Path,             # a local copy of VideoPhy-2's test set: .csv, .json or .jsonl with a `caption` field
+    n_prompts: int | None = None, # keep the first n (None: all)
+    hard_only: bool = False,      # keep only rows whose `is_hard` is true (the hard subset)
+) -> tuple[list[dict], list[str]]:  # (prompts {id, prompt, dimension="videophy2", entities}, problems)
+    "VideoPhy-2's prompts from a local file; a missing file or column is a problem, not an exception."
+    if not path: return [], ["VideoPhy-2: no prompt file ([evaluate] videophy2_prompts: a local copy of the test set "
+                             "videophysics/videophy2_test with a `caption` column)"]
+    p = Path(path)
+    if not p.is_file(): return [], [f"VideoPhy-2: prompt file {p} does not exist"]
+    if p.suffix == ".csv":
+        with open(p, newline="", encoding="utf-8") as fh: rows = list(csv.DictReader(fh))
+    elif p.suffix == ".jsonl": rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    else: rows = json.loads(p.read_text())
+    if not rows or "caption" not in rows[0]: return [], [f"VideoPhy-2: {p} has no `caption` field (fields: {sorted(rows[0]) if rows else []})"]
+    if hard_only: rows = [r for r in rows if str(r.get("is_hard", "")).lower() in ("1", "true", "yes")]
+    out = [dict(id=f"videophy2-{i:04d}", prompt=str(r["caption"]).strip(), dimension="videophy2", entities=[]) for i, r in enumerate(rows)]
+    return (out[:n_prompts] if n_prompts is not None else out), []
+
+def videophy2_backend(
+    repo: str,          # a local clone of github.com/Hritikbansal/videophy
+    checkpoint: str,    # the VideoPhy-2-AutoEval checkpoint folder (videophysics/videophy_2_auto)
+    python: str = "",   # the Python of VideoPhy's own environment ("" = this one)
+):                      # callable (input_csv, task, output_csv) -> None
+    "VideoPhy-2-AutoEval's own `inference.py` as a subprocess; FileNotFoundError naming what is missing."
+    script = Path(repo or "") / "VIDEOPHY2" / "inference.py"
+    if not checkpoint or not Path(checkpoint).is_dir():
+        raise FileNotFoundError(f"no VideoPhy-2-AutoEval checkpoint ({checkpoint!r}); set [evaluate] videophy2_checkpoint "
+                                "to a local copy of videophysics/videophy_2_auto")
+    if not script.is_file():
+        raise FileNotFoundError(f"no VideoPhy repository ({repo!r}: {script} missing); set [evaluate] videophy2_repo")
+    def run(input_csv: Path, task: str, output_csv: Path):
+        subprocess.run([python or sys.executable, str(script), "--input_csv", str(input_csv), "--checkpoint", str(checkpoint),
+                        "--output_csv", str(output_csv), "--task", task], cwd=str(script.parent), check=True)
+    return run
+
+def videophy2_scores(
+    sa: dict,             # {video: semantic-adherence score 1-5}
+    pc: dict,             # {video: physical-commonsense score 1-5}
+    threshold: int = VIDEOPHY2_THRESHOLD,  # "high" means >= threshold
+    n_boot: int = 1000,   # bootstrap resamples
+) -> dict:                # sa, pc, joint: [mean, lo, hi]; n
+    "SA and PC means and the joint score (fraction with SA >= 4 and PC >= 4), with bootstrap intervals over videos."
+    keys = sorted(set(sa) & set(pc))
+    joint = [float(sa[k] >= threshold and pc[k] >= threshold) for k in keys]
+    return dict(sa=list(bootstrap_ci([sa[k] for k in keys], n_boot)), pc=list(bootstrap_ci([pc[k] for k in keys], n_boot)),
+                joint=list(bootstrap_ci(joint, n_boot)), n=len(keys), per_video={k: [sa[k], pc[k]] for k in keys})
+
+def run_videophy2(
+    entries: list[dict],   # index entries of the VideoPhy-2 samples (`file`, `prompt`)
+    video_dir: str | Path, # their folder
+    out_dir: str | Path,   # where the input/output CSVs go
+    backend=None,          # callable (input_csv, task, output_csv); None: `videophy2_backend(repo, checkpoint, python)`
+    repo: str = "", checkpoint: str = "", python: str = "",  # the default backend's locations
+    n_boot: int = 1000,    # bootstrap resamples
+) -> dict:                 # videophy2_scores(...) plus not_run = "" , or {"not_run": reason}
+    "Score samples with VideoPhy-2-AutoEval (SA, PC, joint); anything missing or failing becomes `not_run` with its reason."
+    if not entries: return dict(not_run="no VideoPhy-2 samples")
+    try: backend = backend or videophy2_backend(repo, checkpoint, python)
+    except FileNotFoundError as e: return dict(not_run=str(e))
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "input.csv", overwrite=True) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, ["caption", "videopath"]); w.writeheader()
+            for e in entries: w.writerow(dict(caption=e["prompt"], videopath=str((Path(video_dir) / e["file"]).resolve())))
+    scores = {}
+    try:
+        for task in ("sa", "pc"):
+            backend(out / "input.csv", task, out / f"output_{task}.csv")
+            with open(out / f"output_{task}.csv", newline="", encoding="utf-8") as fh:
+                scores[task] = {Path(r["videopath"]).name: float(r["score"]) for r in csv.DictReader(fh)}
+    except Exception as e: return dict(not_run=f"VideoPhy-2-AutoEval failed: {type(e).__name__}: {e}")
+    return dict(videophy2_scores(scores["sa"], scores["pc"], n_boot=n_boot), not_run="")
+
 
 # %% ../nbs/evaluate.ipynb #a441bcb8
 _STUDY_HTML = r"""<!doctype html>
@@ -594,59 +701,115 @@ def sign_test(
     return min(1.0, sum(math.comb(n, x) for x in range(n + 1) if abs(x - n / 2) >= d - 1e-12) / 2 ** n)
 
 def tally_study(
-    choice_files: list[str | Path],  # JSON files downloaded from the study page
+    choice_files: list[str | Path],  # JSON files downloaded from the study page (one per rater)
     key_file: str | Path,            # the study's key.json
-) -> list[dict]:                     # per method pair: method_a, method_b, wins_a, wins_b, ties, n, win_rate_a, p_value
-    "Tally the raters' choices per method pair with a two-sided sign test (ties excluded)."
+) -> list[dict]:                     # per method pair: counts, raters (per-rater wins and sign test), p_value, p_pooled
+    """Tally the raters' choices per method pair, keeping raters apart: each rater's own sign test, and `p_value`, an
+    exact sign test across raters (each rater one vote: the side they preferred more often; raters without a
+    preference drop out), so one prolific rater cannot carry the result. `p_pooled` pools every choice (valid only
+    if choices were independent)."""
     key = json.loads(Path(key_file).read_text())
     counts = {}
     for f in choice_files:
         d = json.loads(Path(f).read_text())
         if d.get("study") != key["study"]: raise ValueError(f"{f}: choices of study {d.get('study')!r}, but the key is of {key['study']!r}")
+        rater = str(d.get("rater") or Path(f).stem)
         for c in d["choices"]:
             if c["trial"] not in key["trials"]: raise ValueError(f"{f}: unknown trial {c['trial']!r}")
             if c["choice"] not in ("left", "right", "tie"): raise ValueError(f"{f}: trial {c['trial']}: choice {c['choice']!r} is not left/right/tie")
             t = key["trials"][c["trial"]]
             a, b = sorted((t["left"], t["right"]))
-            cnt = counts.setdefault((a, b), [0, 0, 0])
+            cnt = counts.setdefault((a, b), {}).setdefault(rater, [0, 0, 0])
             if c["choice"] == "tie": cnt[2] += 1
             else: cnt[0 if t[c["choice"]] == a else 1] += 1
     rows = []
-    for (a, b), (wa, wb, ties) in sorted(counts.items()):
+    for (a, b), per in sorted(counts.items()):
+        wa, wb, ties = (sum(v[i] for v in per.values()) for i in range(3))
+        raters = [dict(rater=r, wins_a=x, wins_b=y, ties=z, p_value=sign_test(x, x + y)) for r, (x, y, z) in sorted(per.items())]
+        ra, rb = sum(x > y for x, y, _ in per.values()), sum(y > x for x, y, _ in per.values())
         n = wa + wb
         rows.append(dict(method_a=a, method_b=b, wins_a=wa, wins_b=wb, ties=ties, n=n,
-                         win_rate_a=wa / n if n else float("nan"), p_value=sign_test(wa, n)))
+                         win_rate_a=wa / n if n else float("nan"), raters=raters, raters_a=ra, raters_b=rb,
+                         p_value=sign_test(ra, ra + rb), p_pooled=sign_test(wa, n)))
     return rows
+
 
 # %% ../nbs/evaluate.ipynb #818a27ce
 def _fmt(v, digits=3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+TOY_SCORE_FILES = ("toy_scores.json", "scores.json")  # per-run score files of the toy study (`sara.study`), first found wins
+
+def toy_scores(
+    run_dir: str | Path,  # a run folder
+) -> dict | None:         # {metric: value or [mean, lo, hi]}, or None when the run has no toy-study scores
+    "The toy study's metrics of a run (flat JSON object of numbers or [mean, lo, hi]); ValueError naming the file if malformed."
+    for n in TOY_SCORE_FILES:
+        f = Path(run_dir) / n
+        if not f.is_file(): continue
+        d = json.loads(f.read_text())
+        d = d.get("metrics", d) if isinstance(d, dict) else d
+        if not isinstance(d, dict): raise ValueError(f"{f}: expected a JSON object of metric -> number, got {type(d).__name__}")
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and "mean" in v: v = [v["mean"], v.get("lo"), v.get("hi")]
+            if isinstance(v, (int, float)) and not isinstance(v, bool): out[str(k)] = float(v)
+            elif isinstance(v, list) and v and all(isinstance(x, (int, float)) or x is None for x in v): out[str(k)] = v
+        return out
+    return None
+
+def _ci_cell(mean, lo, hi, digits=3) -> str:
+    return f"{_fmt(mean, digits)} [{_fmt(lo, digits)}, {_fmt(hi, digits)}]" if lo is not None else _fmt(mean, digits)
 
 def metrics_table(
     methods: list[str],          # row order
     rubric_rows: list[dict] = (),  # `aggregate_scores` rows
     vbench: dict | None = None,  # {method: `run_vbench` result}
     pixel: dict | None = None,   # {method: [pixel_stats dicts]}
+    videophy2: dict | None = None,  # {method: `run_videophy2` result}
+    toy: dict | None = None,     # {method: `toy_scores` result or None}
+    not_run: dict | None = None, # {benchmark: reason} for benchmarks that did not run at all ("vbench", "videophy2", "rubric", "toy")
 ) -> tuple[list[str], list[list[str]]]:  # (column names, rows of cells: method then one cell per metric)
-    "Methods x metrics: rubric means with intervals (and unparsed counts), VBench scores or why not, pixel stats."
+    """Methods x metrics: VBench dimensions with intervals and its quality / semantic / total scores, VideoPhy-2 SA / PC /
+    joint, rubric means with intervals (and unparsed counts), the toy study's metrics, pixel stats; "not run: why" where
+    a benchmark could not run."""
     cols, cell = [], {}
+    def put(m, c, v):
+        if c not in cols: cols.append(c)
+        cell[(m, c)] = v
+    nr = not_run or {}
+    for m, res in (vbench or {}).items():
+        for d, s in res["ran"].items(): put(m, f"vbench:{d}", _ci_cell(s, *res.get("ci", {}).get(d, (None, None)), 4))
+        for d, why in res["not_run"].items(): put(m, f"vbench:{d}", f"not run: {why}")
+        tot = vbench_totals(res["ran"])
+        for k in ("quality", "semantic", "total"):
+            miss = tot["missing"].get(k, []) if k != "total" else tot["missing"]["quality"] + tot["missing"]["semantic"]
+            put(m, f"vbench:{k}", _fmt(tot[k], 4) if tot[k] is not None else f"not run: needs {', '.join(miss)}")
+    for m, res in (videophy2 or {}).items():
+        for k in ("sa", "pc", "joint"):
+            put(m, f"videophy2:{k}", f"not run: {res['not_run']}" if res.get("not_run") else _ci_cell(*res[k], 3))
     for r in rubric_rows:
         c = f"judge:{r['dimension']}"
-        if c not in cols: cols.append(c)
         txt = f"{_fmt(r['mean'], 2)} [{_fmt(r['lo'], 2)}, {_fmt(r['hi'], 2)}]" if r["n"] else "n/a"
         extra = [f"{r['unparsed']} unparsed" if r["unparsed"] else "", f"{r['errors']} errors" if r["errors"] else ""]
         extra = ", ".join(x for x in extra if x)
-        cell[(r["method"], c)] = f"{txt} (n={r['n']}{', ' + extra if extra else ''})"
-    for m, res in (vbench or {}).items():
-        for d, s in res["ran"].items(): cell[(m, f"vbench:{d}")] = _fmt(s, 4)
-        for d, why in res["not_run"].items(): cell[(m, f"vbench:{d}")] = f"not run: {why}"
-        for d in [*res["ran"], *res["not_run"]]:
-            if f"vbench:{d}" not in cols: cols.append(f"vbench:{d}")
+        put(r["method"], c, f"{txt} (n={r['n']}{', ' + extra if extra else ''})")
+    for m, sc in (toy or {}).items():
+        for k, v in (sc or {}).items(): put(m, f"toy:{k}", _ci_cell(*v[:3], 4) if isinstance(v, list) and len(v) >= 3 else _fmt(v if not isinstance(v, list) else v[0], 4))
     for m, stats in (pixel or {}).items():
-        for k in ("pixel_stability", "motion_energy"):
-            if k not in cols: cols.append(k)
-            cell[(m, k)] = _fmt(float(np.mean([s[k] for s in stats])), 4) if stats else "n/a"
-    return ["method", *cols], [[m, *(cell.get((m, c), "n/a") for c in cols)] for m in methods]
+        for k in ("pixel_stability", "motion_energy"): put(m, k, _fmt(float(np.mean([s[k] for s in stats])), 4) if stats else "n/a")
+    for b, why in nr.items():
+        if not any(c.startswith(f"{b}:") for c in cols): cols.append(f"{b}")
+    rows = [[m, *(cell.get((m, c), f"not run: {nr[c]}" if c in nr else "n/a") for c in cols)] for m in methods]
+    return ["method", *cols], rows
+
+def paired_table(
+    rows: list[dict],  # `paired_rubric` rows (and any rows with method, baseline, dimension, mean_diff, lo, hi, p, n)
+) -> tuple[list[str], list[list[str]]]:  # (columns, rows)
+    "Paired differences against the baseline, one row per method and metric."
+    cols = ["method - baseline", "metric", "mean difference [95% CI]", "p (sign-flip)", "pairs"]
+    return cols, [[f"{r['method']} - {r['baseline']}", r["dimension"], _ci_cell(r["mean_diff"], r["lo"], r["hi"], 3),
+                   _fmt(r["p"], 4), str(r["n"])] for r in rows]
 
 def table_html(
     columns: list[str],     # header
@@ -690,6 +853,7 @@ def frame_grid(
     fig.update_layout(title=title, height=150 * len(ms) + 60, width=150 * n_frames + 120, margin=dict(l=10, r=60, t=50, b=10))
     return fig
 
+
 # %% ../nbs/evaluate.ipynb #e69709fe
 def write_report(
     out_dir: str | Path,     # report folder
@@ -698,106 +862,158 @@ def write_report(
     figures: list,           # [(heading, go.Figure)]
     problems: list[str],     # everything that could not be done, and why
     extra: dict | None = None,  # JSON-serialisable details saved in report.json
+    tables: list = (),       # further [(heading, (columns, rows))] after the main table (e.g. paired differences)
 ) -> Path:                   # report.html (report.json beside it)
     "Write report.html (plotly.js inlined once, works offline) and report.json, atomically."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     parts = [f"<h1>{html.escape(title)}</h1>", "<h2>Problems</h2>",
              "<ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in problems) + "</ul>" if problems else "<p>none</p>",
              "<h2>Methods x metrics</h2>", table_html(*table)]
+    for head, t in tables: parts += [f"<h2>{html.escape(head)}</h2>", table_html(*t)]
     for k, (head, fig) in enumerate(figures):
         parts += [f"<h2>{html.escape(head)}</h2>", fig.to_html(full_html=False, include_plotlyjs=(k == 0))]
     page = f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head><body>{"".join(parts)}</body></html>'
     with atomic_path(out / "report.html", overwrite=True) as tmp: Path(tmp).write_text(page, encoding="utf-8")
-    write_json(out / "report.json", dict(title=title, columns=table[0], rows=table[1], problems=problems, **(extra or {})))
+    write_json(out / "report.json", dict(title=title, columns=table[0], rows=table[1], problems=problems,
+                                         tables={h: dict(columns=t[0], rows=t[1]) for h, t in tables}, **(extra or {})))
     return out / "report.html"
 
+
 # %% ../nbs/evaluate.ipynb #be91ce4c
+def _sample_benchmarks(rd, plan: dict, out: Path, seeds, overrides: dict, device: str, progress: bool) -> tuple:
+    "Load one run and sample every benchmark's prompts on fixed noise; returns (label, settings, {benchmark: entries}, run method)."
+    from sara.text import build_text_encoder
+    cfg, models = load_run(rd, device)
+    st = sampling_defaults(cfg.wan_model, dict(n_frames=cfg.n_frames, height=cfg.height, width=cfg.width), **overrides)
+    te = build_text_encoder(cfg.text_model).to(device)
+    pipe = build_pipeline(models, cfg, st["shift"])
+    kw = {k: st[k] for k in ("steps", "n_frames", "height", "width", "guidance_scale", "guidance_scale_2", "negative_prompt", "fps")}
+    label, got = Path(rd).name, {}
+    for bench, (prompts, naming, folder) in plan.items():
+        if prompts:
+            got[bench] = sample_videos(pipe, te, prompts, out / folder / label, seeds, naming=naming, progress=progress,
+                                       meta=dict(method=label, run_dir=str(rd), run_method=cfg.method,
+                                                 model_family=st["model_family"], shift=st["shift"]), **kw)
+    return label, st, got
+
 def evaluate_runs(
-    run_dirs: list[str],          # run folders (`runs/<name>`)
-    out_dir: str | Path,          # evaluation folder: samples/<method>/, study/, report.html, report.json
-    suite: str = "text_following",  # prompt suite (`SUITES`)
+    run_dirs: list[str],          # run folders (`runs/<name>`); the first that samples is the paired baseline
+    out_dir: str | Path,          # evaluation folder: samples/, vbench/, videophy2/, study/, report.html, report.json
+    suite: str = "text_following",  # rubric prompt suite (`SUITES`)
     dimensions: list[str] | None = None,  # suite dimensions (None: all)
-    n_prompts: int | None = 4,    # prompts taken from the suite (None: all)
-    seeds: list[int] = (0,),      # evaluation seeds
-    steps: int = 30,              # denoising steps
-    guidance_scale: float = 5.0,  # classifier-free guidance
-    n_frames: int | None = None,  # frames (None: each run's n_frames)
-    height: int | None = None,    # pixels (None: the run's)
-    width: int | None = None,     # pixels (None: the run's)
+    n_prompts: int | None = 4,    # rubric prompts taken from the suite (None: all)
+    seeds: list[int] = (0,),      # rubric evaluation seeds
+    sampling: dict | None = None, # overrides of the per-model sampling defaults (`sara.sampling.sampling_defaults` keys)
     device: str = "cpu",          # where sampling and the judge run
     judge=None,                   # a judge callable, or None to build `TransformersJudge(judge_model)`
-    judge_model: str = "",        # local judge model directory ("" = settings; none: the rubric is skipped with a message)
+    judge_model: str = "",        # local judge model directory ("" = settings; none: the rubric is not run, with a reason)
     rubric: list[str] | dict | None = None,  # rubric dimensions (`make_rubric`)
-    vbench_dimensions: list[str] = (),  # VBench dimensions to run on the samples (empty: none)
+    vbench_dimensions: list[str] = (),  # VBench dimensions (standard protocol; empty: VBench is not run)
+    vbench_prompts: int | None = None,  # prompts per VBench dimension (None: VBench's full list; fewer is marked a subset)
     vbench_dir: str = "",         # VBench weights ("" = settings)
     vbench_backend=None,          # VBench backend override (tests)
+    videophy2_file: str = "",     # VideoPhy-2 prompt file ("" = settings; none: VideoPhy-2 is not run, with a reason)
+    videophy2_n: int | None = None,  # VideoPhy-2 prompts (None: all)
+    videophy2_backend=None,       # VideoPhy-2-AutoEval override (tests)
     n_boot: int = 1000,           # bootstrap resamples
     study_seed: int = 0,          # user-study shuffling seed
     progress: bool = False,       # diffusers progress bars
-) -> dict:                        # report (html path), table, rubric rows, vbench, problems, entries, study
-    "Sample, score and compare several runs; write the comparison report whatever fails along the way."
-    from sara.text import build_text_encoder
+) -> dict:                        # report (html path), table, rubric, paired, vbench, videophy2, toy, benchmarks, problems, ...
+    "Sample every benchmark on fixed noise, score, compare paired, and write one report whatever fails along the way."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     st = eval_settings()
     judge_model, vbench_dir = judge_model or st["judge_model"], vbench_dir or st["vbench_dir"]
     prompts, problems = load_suite(suite, dimensions, n_prompts)
-    if not prompts: problems.append(f"suite {suite!r} gave no prompts; nothing was sampled")
-    entries, folders, methods = {}, {}, []
+    if not prompts: problems.append(f"suite {suite!r} gave no prompts; nothing was sampled for the rubric")
+    vb_prompts = []
+    if vbench_dimensions:
+        vb_prompts, pr = vbench_suite(list(vbench_dimensions), vbench_prompts); problems += pr
+        if vbench_prompts is not None: problems.append(f"VBench: a subset ({vbench_prompts} prompt(s) per dimension), not VBench's full suite")
+    vp_prompts, vp_pr = videophy2_prompts(videophy2_file or st["videophy2_prompts"], videophy2_n); problems += vp_pr
+    plan = dict(rubric=(prompts, "id", "samples"), vbench=(vb_prompts, "vbench", "vbench/videos"),
+                videophy2=(vp_prompts, "id", "videophy2/videos"))
+    entries, settings, methods = {b: {} for b in plan}, {}, []
     for rd in run_dirs:
-        name = Path(rd).name
-        methods.append(name)
+        methods.append(Path(rd).name)
         try:
-            cfg, models = load_run(rd, device)
-            label = name
-            te = build_text_encoder(cfg.text_model).to(device)
-            folders[label] = out / "samples" / label
-            entries[label] = sample_videos(build_pipeline(models, cfg), te, prompts, folders[label], seeds, steps,
-                                           n_frames or cfg.n_frames, height or cfg.height, width or cfg.width,
-                                           guidance_scale, meta=dict(method=label, run_dir=str(rd), run_method=cfg.method),
-                                           progress=progress)
-            del models
-        except Exception as e:
-            problems.append(f"run {rd}: {type(e).__name__}: {e} (its row is empty)")
-    pixel = {m: [pixel_stats(load_video(folders[m] / e["file"])) for e in es] for m, es in entries.items()}
-    records, rubric_rows = [], []
-    if entries:
+            label, settings[Path(rd).name], got = _sample_benchmarks(rd, plan, out, seeds, dict(sampling or {}), device, progress)
+            for b, es in got.items(): entries[b][label] = es
+        except Exception as e: problems.append(f"run {rd}: {type(e).__name__}: {e} (its row is empty)")
+    folders = {m: out / "samples" / m for m in entries["rubric"]}
+    pixel = {m: [pixel_stats(load_video(folders[m] / e["file"])) for e in es] for m, es in entries["rubric"].items()}
+    baseline = next(iter(entries["rubric"]), None)
+    not_run, records, rubric_rows, paired, judge_info = {}, [], [], [], {}
+    if entries["rubric"]:
         if judge is None and judge_model:
             try: judge = TransformersJudge(judge_model, device=device)
-            except Exception as e: problems.append(f"judge {judge_model!r} could not be loaded: {type(e).__name__}: {e}")
+            except Exception as e: not_run["rubric"] = f"judge {judge_model!r} could not be loaded: {type(e).__name__}: {e}"
         elif judge is None:
-            problems.append("no judge model named ([evaluate] judge_model in settings.ini, SARA_JUDGE_MODEL or the "
-                            "judge_model parameter): the VLM rubric was skipped")
+            not_run["rubric"] = ("no judge model named ([evaluate] judge_model in settings.ini, SARA_JUDGE_MODEL or the "
+                                 "judge_model parameter)")
         if judge is not None:
+            judge_info = judge.describe() if hasattr(judge, "describe") else dict(judge=repr(judge))
             try: rub = make_rubric(rubric)
-            except ValueError as e: problems.append(str(e)); rub = None
+            except ValueError as e: not_run["rubric"] = str(e); rub = None
             if rub:
-                records = judge_videos([e for es in entries.values() for e in es], folders, judge, rub)
+                records = judge_videos([e for es in entries["rubric"].values() for e in es], folders, judge, rub)
                 rubric_rows = aggregate_scores(records, n_boot=n_boot)
+                paired = paired_rubric(records, baseline, n_boot)
+                for r in paired: r["dimension"] = f"judge:{r['dimension']}"
                 bad = [r for r in records if r["status"] != "scored"]
                 if bad:
                     ex = next((r for r in bad if r["status"] == "unparsed"), bad[0])
                     problems.append(f"judge: {len(bad)} of {len(records)} answers were not a score ({sum(r['status'] == 'unparsed' for r in bad)} "
                                     f"unparsed, {sum(r['status'] == 'error' for r in bad)} errors), e.g. {ex['raw'] or ex.get('reason', '')!r}; "
                                     "they are excluded from the means and counted in the table")
+    else: not_run["rubric"] = "no rubric samples"
     vb = {}
-    if vbench_dimensions and entries:
-        for m in entries:
-            vb[m] = run_vbench(folders[m], list(vbench_dimensions), out / "vbench" / m, backend=vbench_backend,
-                               weights_dir=vbench_dir, device=device)
-            for d, why in vb[m]["not_run"].items(): problems.append(f"VBench {d} on {m}: not run ({why})")
+    if not vbench_dimensions: not_run["vbench"] = "no VBench dimensions asked for (vbench_dimensions)"
+    elif not entries["vbench"]: not_run["vbench"] = "no VBench samples (see problems)"
+    for m in entries["vbench"]:
+        vb[m] = run_vbench(out / "vbench" / "videos" / m, list(vbench_dimensions), out / "vbench" / "results" / m,
+                           backend=vbench_backend, weights_dir=vbench_dir, device=device, n_boot=n_boot)
+        for d, why in vb[m]["not_run"].items(): problems.append(f"VBench {d} on {m}: not run ({why})")
+    vp = {}
+    if not entries["videophy2"]: not_run["videophy2"] = "no VideoPhy-2 samples: " + (vp_pr[0] if vp_pr else "see problems")
+    for m, es in entries["videophy2"].items():
+        vp[m] = run_videophy2(es, out / "videophy2" / "videos" / m, out / "videophy2" / "results" / m, backend=videophy2_backend,
+                              repo=st["videophy2_repo"], checkpoint=st["videophy2_checkpoint"], python=st["videophy2_python"], n_boot=n_boot)
+        if vp[m]["not_run"]: problems.append(f"VideoPhy-2 on {m}: not run ({vp[m]['not_run']})")
+    if vp and baseline in vp and not vp[baseline]["not_run"]:
+        for m in vp:
+            if m != baseline and not vp[m]["not_run"]:
+                for k, i in (("sa", 0), ("pc", 1)):
+                    paired.append(dict(method=m, baseline=baseline, dimension=f"videophy2:{k}",
+                                       **paired_bootstrap({f: v[i] for f, v in vp[m]["per_video"].items()},
+                                                          {f: v[i] for f, v in vp[baseline]["per_video"].items()}, n_boot)))
+    toy = {}
+    for rd in run_dirs:
+        try: toy[Path(rd).name] = toy_scores(rd)
+        except (ValueError, json.JSONDecodeError) as e: problems.append(f"toy scores of {rd}: {e}")
+    if not any(toy.values()): not_run["toy"] = f"no run folder holds {' or '.join(TOY_SCORE_FILES)} (the toy study writes it)"
     study = None
-    if len(entries) >= 2:
-        study = str(make_study(study_pairs(entries, folders), out / "study", seed=study_seed))
-    table = metrics_table(methods, rubric_rows, vb, pixel)
+    if len(entries["rubric"]) >= 2: study = str(make_study(study_pairs(entries["rubric"], folders), out / "study", seed=study_seed))
+    else: not_run["study"] = "fewer than two runs with samples"
+    if vb and not any(r["ran"] for r in vb.values()): not_run["vbench"] = "; ".join(sorted({w for r in vb.values() for w in r["not_run"].values()}))
+    if vp and all(r["not_run"] for r in vp.values()): not_run["videophy2"] = "; ".join(sorted({r["not_run"] for r in vp.values()}))
+    table = metrics_table(methods, rubric_rows, vb, pixel, vp, toy, not_run)
     figs = []
     if rubric_rows: figs.append(("VLM rubric", score_bars(rubric_rows)))
-    if entries and prompts:
+    if entries["rubric"] and prompts:
         p0, s0 = prompts[0], seeds[0]
-        vids = {m: load_video(folders[m] / f"{p0['id']}_s{s0}.mp4") for m in entries}
-        figs.append((f"Frames: {p0['prompt']} (seed {s0})", frame_grid(vids, title=f"{p0['id']}, seed {s0}")))
-    report = write_report(out, f"Comparison of {', '.join(methods)}", table, figs, problems,
-                          extra=dict(rubric=rubric_rows, vbench=vb, suite=suite, prompts=prompts, seeds=list(seeds),
-                                     steps=steps, study=study))
+        vids = {m: load_video(folders[m] / f"{p0['id']}_s{s0}.mp4") for m in entries["rubric"]}
+        figs.append((f"Frames: {p0['prompt']} (seed {s0}, noise {noise_seed(p0['id'], s0)}, same for every run)",
+                     frame_grid(vids, title=f"{p0['id']}, seed {s0}")))
+    benchmarks = {b: (f"not run: {not_run[b]}" if b in not_run else "ran") for b in ("vbench", "videophy2", "rubric", "toy", "study")}
+    tables = [("Paired differences against the baseline (same prompts and noise)", paired_table(paired))] if paired else []
+    report = write_report(out, f"Comparison of {', '.join(methods)}", table, figs, problems, tables=tables,
+                          extra=dict(benchmarks=benchmarks, rubric=rubric_rows, paired=paired, vbench=vb,
+                                     vbench_totals={m: vbench_totals(r["ran"]) for m, r in vb.items()},
+                                     videophy2={m: {k: v for k, v in r.items() if k != "per_video"} for m, r in vp.items()},
+                                     toy=toy, suite=suite, prompts=prompts, seeds=list(seeds), sampling=settings,
+                                     judge=judge_info, baseline=baseline, study=study))
     write_json(out / "judge_records.json", records)
-    return dict(report=report, table=table, rubric=rubric_rows, records=records, vbench=vb, problems=problems,
-                entries=entries, folders=folders, figures=figs, study=study)
+    return dict(report=report, table=table, rubric=rubric_rows, records=records, paired=paired, vbench=vb, videophy2=vp,
+                toy=toy, benchmarks=benchmarks, problems=problems, entries=entries["rubric"], all_entries=entries,
+                folders=folders, figures=figs, study=study, sampling=settings)
+

@@ -1,5 +1,5 @@
-"Integration tests of evaluation: two toy runs end to end through the papermill notebook, fixed noise, judge, study, VBench bridge."
-import json, os, subprocess, sys
+"Integration tests of evaluation: two toy runs end to end through the papermill notebook, fixed noise, judge, study, VBench's standard naming, VideoPhy-2."
+import json, os, subprocess, sys, types
 from pathlib import Path
 
 import pytest
@@ -9,7 +9,9 @@ from sara.config import make_config, site_settings
 from sara.data import load_video
 from sara.toy import make_toy_world
 from sara.evaluate import (aggregate_scores, build_pipeline, judge_videos, load_run, load_suite, make_rubric, make_study,
-                           noise_seed, parse_score, run_vbench, sample_videos, sign_test, study_pairs, tally_study)
+                           noise_seed, parse_score, run_vbench, sample_videos, sign_test, study_pairs, tally_study,
+                           vbench_info_path, vbench_suite, VBENCH_DIMENSIONS)
+from sara.sampling import sample_name
 from sara.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,10 +36,14 @@ def runs(tmp_path_factory):
 def test_notebook_end_to_end_with_bad_inputs(runs, tmp_path):
     "papermill runs nbs/evaluate.ipynb on two toy runs plus a run without checkpoint, an unknown suite dimension and a tiny random judge."
     out = tmp_path / "eval"
+    vp = tmp_path / "videophy2_test.csv"   # VideoPhy-2's test-set columns (caption, is_hard); two prompts, one sampled
+    vp.write_text('caption,is_hard\n"A ball rolls off a table and bounces on the floor.",1\nWater pours into a glass.,0\n')
+    (runs["sara"] / "toy_scores.json").write_text(json.dumps({"fg_flow_epe": {"mean": 0.4, "lo": 0.3, "hi": 0.5}}))
     cmd = [sys.executable, "-m", "papermill", "--cwd", str(ROOT / "nbs"), str(ROOT / "nbs" / "evaluate.ipynb"), str(tmp_path / "ev.ipynb"),
            "-p", "run_dirs", f"{runs['sft']},{runs['sara']},{runs['broken']}", "-p", "out_dir", str(out),
            "-p", "dimensions", "interaction,smell", "-p", "n_prompts", "2", "-p", "steps", "2", "-p", "judge_model", "tiny",
            "-p", "rubric", "entity_presence,interactions,motion_quality", "-p", "vbench_dimensions", "color",
+           "-p", "vbench_prompts", "1", "-p", "videophy2_file", str(vp), "-p", "videophy2_n", "1",
            "-p", "n_boot", "200", "--log-level", "ERROR"]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -47,7 +53,23 @@ def test_notebook_end_to_end_with_bad_inputs(runs, tmp_path):
     assert "no dimension 'smell'" in probs                                       # unknown suite dimension
     assert "were not a score" in probs                                           # judge answers that are not scores
     assert "VBench color" in probs and "not run" in probs                       # VBench reported, not zeroed
+    assert set(rep["benchmarks"]) == {"vbench", "videophy2", "rubric", "toy", "study"}
+    assert all(v == "ran" or v.startswith("not run: ") for v in rep["benchmarks"].values()), rep["benchmarks"]
+    assert rep["benchmarks"]["vbench"].startswith("not run") and rep["benchmarks"]["videophy2"].startswith("not run: ")
+    assert rep["benchmarks"]["toy"] == rep["benchmarks"]["rubric"] == rep["benchmarks"]["study"] == "ran"
+    assert rep["sampling"]["sft"]["model_family"] == "tiny" and rep["sampling"]["sft"]["steps"] == 2
+    assert rep["judge"]["decoding"] == "greedy" and rep["baseline"] == "sft"
+    assert [r["method"] for r in rep["paired"]] == ["sara"] * 3 and all(r["baseline"] == "sft" for r in rep["paired"])
     rows = {row[0]: dict(zip(rep["columns"], row)) for row in rep["rows"]}
+    assert rows["sara"]["toy:fg_flow_epe"] == "0.4000 [0.3000, 0.5000]" and rows["sft"]["toy:fg_flow_epe"] == "n/a"
+    assert rows["sara"]["vbench:total"].startswith("not run: needs")            # never a total with missing dimensions
+    assert rows["sara"]["videophy2:joint"].startswith("not run: no VideoPhy-2-AutoEval checkpoint")
+    (vb_prompt,) = vbench_suite(["color"], 1)[0]                                   # VBench's standard names, same noise per run
+    for m in ("sft", "sara"):
+        idx = json.loads((out / "vbench" / "videos" / m / "index.json").read_text())
+        assert [e["file"] for e in idx] == [f"{vb_prompt['prompt']}-{i}.mp4" for i in range(5)]
+        assert [e["noise_seed"] for e in idx] == [noise_seed(vb_prompt["prompt"], i) for i in range(5)]
+        assert len(json.loads((out / "videophy2" / "videos" / m / "index.json").read_text())) == 1
     assert set(rows) == {"sft", "sara", "broken"}
     assert all(v == "n/a" for k, v in rows["broken"].items() if k != "method")
     for m in ("sft", "sara"):
@@ -131,8 +153,18 @@ def test_study_kit_and_sign_test(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(dict(study=key["study"], rater="r1", choices=choices)))
     (row,) = tally_study([tmp_path / "c.json"], tmp_path / "study" / "key.json")
     assert (row["method_a"], row["wins_a"], row["wins_b"], row["ties"]) == ("alpha", 0, 5, 1)
-    assert row["p_value"] == pytest.approx(2 / 32)
+    assert row["p_pooled"] == pytest.approx(2 / 32) and row["raters"][0]["p_value"] == pytest.approx(2 / 32)
+    assert row["p_value"] == 1.0                                                   # one rater: no evidence across raters
     assert sign_test(5, 5) == pytest.approx(2 / 32)
+    # raters kept apart: one prolific rater for beta and five raters for alpha by one choice each
+    files = [tmp_path / "c.json"]
+    for k in range(5):
+        t, v = list(key["trials"].items())[k]
+        files.append(tmp_path / f"r{k}.json")
+        files[-1].write_text(json.dumps(dict(study=key["study"], rater=f"s{k}", choices=[dict(trial=t, choice="left" if v["left"] == "alpha" else "right")])))
+    (row,) = tally_study(files, tmp_path / "study" / "key.json")
+    assert (row["wins_a"], row["wins_b"], row["raters_a"], row["raters_b"]) == (5, 5, 5, 1)
+    assert row["p_pooled"] == 1.0 and row["p_value"] == pytest.approx(sign_test(5, 6))
 
 
 def test_vbench_bridge_reports_what_did_not_run():
@@ -143,3 +175,52 @@ def test_vbench_bridge_reports_what_did_not_run():
     prompts, problems = load_suite("vbench", ["color", "nope"])
     assert any("no dimension 'nope'" in p for p in problems)
     assert prompts or any("vbench" in p for p in problems)
+
+
+def _import_vbench():
+    "The installed vbench package (0.1.5); its utils import decord at module level, which only decodes videos."
+    pytest.importorskip("vbench", reason="pip install --no-deps vbench==0.1.5 decord==0.6.0")
+    import vbench, vbench.utils
+    return vbench, vbench.utils
+
+
+def _touch_samples(folder, prompts, naming):
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in prompts:
+        for s in p.get("seeds", [0]): (folder / sample_name(p, s, naming)).write_bytes(b"")
+
+
+def test_vbench_standard_naming_against_the_package(tmp_path):
+    "Our names and prompt mapping, read by VBench's own standard-mode loader: each dimension finds exactly its prompts' 5 videos."
+    vbench, vu = _import_vbench()
+    dims = ["color", "object_class", "human_action", "temporal_flickering", "overall_consistency", "subject_consistency"]
+    prompts, problems = vbench_suite(dims, n_prompts=3)
+    assert problems == [] and vbench_info_path().is_file()
+    _touch_samples(tmp_path / "videos", prompts, "vbench")
+    full = vu.load_json(str(vbench_info_path()))
+    vb = vbench.VBench("cpu", str(vbench_info_path()), str(tmp_path / "out"))
+    for d in dims:
+        info = vb.build_full_info_json(str(tmp_path / "videos"), d, [d], mode="vbench_standard")
+        videos, per_prompt = vu.load_dimension_info(info, dimension=d, lang="en")
+        ours = [p["prompt"] for p in prompts if d in p["dimensions"]]
+        found = {e["prompt"]: e["video_list"] for e in per_prompt if e["video_list"]}
+        assert sorted(found) == sorted(ours) and len(ours) == 3
+        assert all(len(v) == 5 for v in found.values())                      # VBench reads indices 0..4 per prompt
+        assert all(vu.get_prompt_from_filename(v) == p for p, vs in found.items() for v in vs)
+        assert ours == [e["prompt_en"] for e in full if d in e["dimension"]][:3]  # VBench's own order
+    tf = next(p for p in prompts if "temporal_flickering" in p["dimensions"])
+    assert len(tf["seeds"]) == 25                                              # before VBench's static filter
+    assert {len(p["seeds"]) for p in prompts if "temporal_flickering" not in p["dimensions"]} == {5}
+
+
+def test_vbench_rejects_the_old_naming(tmp_path):
+    "The former `<dim>-<i>_s<seed>.mp4` names: standard mode finds none of them and custom_input refuses color / object_class."
+    vbench, vu = _import_vbench()
+    old = [dict(p, id=f"color-{i:03d}") for i, p in enumerate(vbench_suite(["color"], 2)[0])]
+    _touch_samples(tmp_path / "old", old, "id")
+    vb = vbench.VBench("cpu", str(vbench_info_path()), str(tmp_path / "out"))
+    info = vb.build_full_info_json(str(tmp_path / "old"), "color", ["color"], mode="vbench_standard")
+    assert vu.load_dimension_info(info, dimension="color", lang="en")[0] == []
+    with pytest.raises(AssertionError, match="not supported for custom input"):
+        vb.build_full_info_json(str(tmp_path / "old"), "color", ["color", "object_class"], mode="custom_input")
+    assert vu.get_prompt_from_filename("color-000_s0.mp4") == "color-000_s0"   # the prompt VBench would have scored
