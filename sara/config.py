@@ -17,7 +17,7 @@ __all__ = ['SITE_DEFAULTS', 'SITE_PATH_KEYS', 'PACKAGED', 'METHODS', 'SALIENCY_S
            'LOSS_WEIGHTINGS', 'MIXED_PRECISION', 'WEIGHTS_DTYPES', 'RUN_CHOICES', 'TASKS', 'TINY_FLOW_SHIFT',
            'A14B_BOUNDARY', 'MODEL_FPS', 'packaged', 'find_settings', 'site_settings', 'ConfigError', 'config_error',
            'closest', 'known_params', 'notebook_params', 'parse_bool', 'field_help', 'dataclass_args', 'run_cli',
-           'RunConfig', 'wan_facts', 'apply_wan_facts', 'make_config', 'save_config', 'load_config']
+           'RunConfig', 'wan_facts', 'check_expert', 'apply_wan_facts', 'make_config', 'save_config', 'load_config']
 
 # %% ../nbs/config.ipynb #0126f342
 SITE_DEFAULTS = dict(data_root="data/toy", manifest="manifest.jsonl", cache_dir="cache", runs_dir="runs",
@@ -116,10 +116,11 @@ def known_params(
     cls,                        # a config dataclass
     error=ConfigError,          # the `ConfigError` subclass that names `cls`
     extra=(),                   # other names that are allowed too (parameters of a notebook that are not fields)
+    exclude=(),                 # fields that are not parameters here (a notebook derives them)
 ) -> dict:                      # a copy of `params`
     "Refuse the first key of `params` that is not a field of `cls` (or in `extra`), naming the closest known one."
     params = dict(params or {})
-    known = {f.name for f in fields(cls)} | set(extra)
+    known = ({f.name for f in fields(cls)} - set(exclude)) | set(extra)
     unknown = sorted(set(params) - known)
     if unknown:
         near = closest(unknown[0], known)
@@ -134,12 +135,13 @@ def notebook_params(
     now: dict,                  # `globals()` in the cell after it (papermill's injected-parameters cell runs in between)
     cls,                        # the config dataclass the parameters feed
     extra=(),                   # parameters of the notebook that are not fields of `cls` (e.g. `num_processes`)
+    derived=(),                 # fields of `cls` the notebook sets itself (not parameters, e.g. aligner's `run_dir`)
 ) -> dict:                      # the fields of `cls` the notebook defines, by name
     """The parameters of a papermill notebook for `cls`. A name the parameters cell or papermill's injected cell set
     that is neither a field of `cls` nor in `extra` is a `ConfigError` naming the closest field (`-p stesp 3`)."""
     new = {k: v for k, v in now.items() if not k.startswith("_") and (k not in before or before[k] is not v)}
-    known_params(new, cls, config_error(cls), extra)
-    return {f.name: now[f.name] for f in fields(cls) if f.name in now and f.name not in extra}
+    known_params(new, cls, config_error(cls), extra, derived)
+    return {f.name: now[f.name] for f in fields(cls) if f.name in now and f.name not in derived}
 
 
 # %% ../nbs/config.ipynb #d4dbd690
@@ -191,14 +193,18 @@ def dataclass_args(
     return {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
 
 def run_cli(
-    prog: str,                  # the command's name, printed before a configuration error
+    prog: str,                  # the command's name, printed before an error line
     main,                       # function of no arguments that does the work
+    failures: tuple = (),       # exception types whose message says all (printed in one line, exit 1, no traceback)
 ) -> None:                      # returns None so that the console-script wrapper exits 0
     "Run a console command: a `ConfigError` prints one line naming the field and exits 2; any other error exits 1."
     try: main()
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except failures as e:
+        print(f"{prog}: failed: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 # %% ../nbs/config.ipynb #c91b0b7c
@@ -344,6 +350,18 @@ def wan_facts(
                 experts=experts, boundary=None if boundary is None else float(boundary),
                 ti2v=bool(index.get("expand_timesteps")), where=f"{root} (VAE {spatial}x, patch {patch[1]})")
 
+def check_expert(
+    expert: str,          # `RunConfig.expert`
+    experts: bool,        # the model has two experts (transformer_2/, A14B)
+    boundary,             # their boundary_ratio (for the message)
+    wan_model: str,       # the model (for the message)
+):
+    "Refuse an expert choice the model cannot take: two experts need 'high' or 'low'; one DiT needs ''."
+    if experts and not expert:
+        raise ConfigError("expert", expert, f"'high' or 'low': {wan_model} has two experts (transformer_2/), split at boundary_ratio={boundary}")
+    if expert and not experts:
+        raise ConfigError("expert", expert, "'' for a model without transformer_2/ (TI2V-5B, tiny): only A14B has experts")
+
 def apply_wan_facts(
     cfg,                  # a validated `RunConfig`; changed in place
     facts: dict | None = None,  # `wan_facts(cfg.wan_model)` (read when None)
@@ -352,11 +370,7 @@ def apply_wan_facts(
     f = wan_facts(cfg.wan_model) if facts is None else facts
     for k, m in zip(("height", "width"), f["multiple"]):
         if getattr(cfg, k) % m: raise ConfigError(k, getattr(cfg, k), f"a multiple of {m}: the pixels per DiT token of {f['where']}")
-    if f["experts"] and not cfg.expert:
-        raise ConfigError("expert", cfg.expert, f"'high' or 'low': {cfg.wan_model} has two experts (transformer_2/), "
-                          f"split at boundary_ratio={f['boundary']}")
-    if cfg.expert and not f["experts"]:
-        raise ConfigError("expert", cfg.expert, "'' for a model without transformer_2/ (TI2V-5B, tiny): only A14B has experts")
+    check_expert(cfg.expert, f["experts"], f["boundary"], cfg.wan_model)
     if cfg.task == "ti2v" and not f["ti2v"]:
         raise ConfigError("task", cfg.task, f"'t2v': {cfg.wan_model} does not condition on a clean first latent "
                           "(model_index.json has no expand_timesteps=true, as TI2V-5B's has)")
@@ -375,6 +389,7 @@ def make_config(
     "Build the validated `RunConfig` from run parameters, filling blanks from the site settings and the Wan model (`apply_wan_facts`)."
     cfg = RunConfig(**known_params(params, RunConfig, ConfigError))
     cfg.validate()
+    if cfg.method != "sara": cfg.op = "uniform"  # only sara routes: the resolved (and saved) config names the routing its loss uses
     s = site_settings() if settings is None else settings
     for k in ("data_root", "manifest", "cache_dir", "runs_dir", "wan_model", "vfm_model", "text_model"):
         if not getattr(cfg, k): setattr(cfg, k, s[k])
@@ -394,12 +409,12 @@ def save_config(
     cfg: RunConfig,        # the resolved configuration
     path: str | Path,      # destination JSON file (written atomically)
 ) -> Path:
-    "Write the resolved configuration and the package version as JSON, atomically."
+    "Write the resolved configuration, its `routing_op` (None for sft) and the package version as JSON, atomically."
     from sara import __version__
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(dict(config=cfg.to_dict(), sara_version=__version__), indent=2))
+    tmp.write_text(json.dumps(dict(config=cfg.to_dict(), routing_op=cfg.routing_op, sara_version=__version__), indent=2))
     os.replace(tmp, path)
     return path
 

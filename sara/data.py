@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -26,9 +28,9 @@ from torch.utils.data import Dataset
 
 # %% auto #0
 __all__ = ['ENTITY_PROMPT', 'atomic_path', 'ClipRecord', 'check_prompts', 'read_manifest', 'parse_entity_list', 'EntityExtractor',
-           'load_video', 'write_video', 'frame_indices', 'sample_frames', 'resize_video', 'save_masks',
-           'read_mask_entities', 'load_masks', 'check_masks', 'ClipDataset', 'collate_clips', 'flow_path', 'save_flow',
-           'load_flow', 'find_flow']
+           'load_video', 'write_video', 'frame_indices', 'sample_frames', 'video_fps', 'clip_frame_indices',
+           'resize_video', 'save_masks', 'read_mask_entities', 'load_masks', 'check_masks', 'ClipDataset',
+           'collate_clips', 'flow_path', 'save_flow', 'load_flow', 'find_flow']
 
 # %% ../nbs/data.ipynb #beb43d5c
 @contextmanager
@@ -97,7 +99,7 @@ def _resolve(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return (p if p.is_absolute() else base / p).resolve()
 
-def _parse_manifest_line(obj, where: str, base: Path, lineno: int, extractor=None) -> ClipRecord:
+def _parse_manifest_line(obj, where: str, base: Path, lineno: int, extractor=None, check_files: bool = True) -> ClipRecord:
     "Validate one decoded manifest line; `where` prefixes every error ('file line N')."
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -110,7 +112,7 @@ def _parse_manifest_line(obj, where: str, base: Path, lineno: int, extractor=Non
         if extractor is None:
             raise ValueError(f"{where}: field 'entities' is missing {why}; list them in the manifest, or let a "
                              "text-generation model extract them: read_manifest(path, extractor=EntityExtractor("
-                             "'<local model dir>')) (settings key `entity_model`)")
+                             "'<local model dir>')))")
         try: obj = {**obj, "entities": list(extractor(obj["caption"]))}
         except Exception as e: raise ValueError(f"{where}: the entity extractor failed on the caption ({e})") from e
         if not obj["entities"]:
@@ -124,13 +126,13 @@ def _parse_manifest_line(obj, where: str, base: Path, lineno: int, extractor=Non
             raise ValueError(f"{where}: field 'entities' item {i} must be a non-empty string, got {e!r}")
     if len(set(ents)) != len(ents): raise ValueError(f"{where}: field 'entities' has duplicates: {ents}")
     video = _resolve(base, obj["video"])
-    if not video.is_file(): raise FileNotFoundError(f"{where}: field 'video': file not found: {video}")
+    if check_files and not video.is_file(): raise FileNotFoundError(f"{where}: field 'video': file not found: {video}")
     masks = obj.get("masks")
     if masks is not None:
         if not isinstance(masks, str) or not masks.strip():
             raise ValueError(f"{where}: field 'masks' must be a path string, got {masks!r}")
         masks = _resolve(base, masks)
-        if not masks.is_file(): raise FileNotFoundError(f"{where}: field 'masks': file not found: {masks}")
+        if check_files and not masks.is_file(): raise FileNotFoundError(f"{where}: field 'masks': file not found: {masks}")
     cid = obj.get("id", video.stem)
     if not isinstance(cid, str) or not cid.strip():
         raise ValueError(f"{where}: field 'id' must be a non-empty string, got {cid!r}")
@@ -179,6 +181,7 @@ def _jsonl_rows(path: Path):
 def read_manifest(
     path: str | Path,  # a JSON Lines (.jsonl) or CSV (.csv) clip manifest
     extractor=None,    # callable caption -> list[str] (e.g. `EntityExtractor`) for lines without entities
+    check_files: bool = True,  # False: a missing video / masks file is left to the reader (precompute records it as a failed clip)
 ) -> list[ClipRecord]: # one record per non-blank line, in file order
     "Read and validate a clip manifest; errors name the file, the line and the field at fault."
     path = Path(path)
@@ -187,7 +190,7 @@ def read_manifest(
     rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
     for lineno, obj in rows:
         where = f"{path} line {lineno}"
-        rec = _parse_manifest_line(obj, where, base, lineno, extractor)
+        rec = _parse_manifest_line(obj, where, base, lineno, extractor, check_files)
         if rec.id in seen: raise ValueError(f"{where}: field 'id': duplicate id {rec.id!r} (first used on line {seen[rec.id]})")
         seen[rec.id] = lineno
         records.append(rec)
@@ -363,6 +366,45 @@ def sample_frames(
     idx = frame_indices(video.shape[dim], n_frames)
     return video.index_select(dim, torch.tensor(idx, device=video.device))
 
+# %% ../nbs/data.ipynb #0627f6d1
+def video_fps(
+    path: str | Path,  # a video file PyAV can read
+) -> float:            # frames per second of its first video stream (0.0 when the container does not say)
+    "The frame rate a video file declares (average rate of its first video stream)."
+    try:
+        with av.open(str(path)) as container:
+            s = container.streams.video[0]
+            rate = s.average_rate or s.guessed_rate or s.base_rate
+    except (av.error.FFmpegError, IndexError) as e: raise ValueError(f"{path}: cannot read the frame rate ({e})") from e
+    return float(rate) if rate else 0.0
+
+def clip_frame_indices(
+    n_total: int,         # frames in the clip
+    n_frames: int,        # frames wanted
+    clip_fps: float = 0.0,  # the clip's frame rate (`video_fps`); needed when `fps` > 0
+    fps: float = 0.0,     # target frame rate (0: the clip's own, i.e. consecutive frames)
+    where: str = "the clip",  # what to name in errors (file, manifest line)
+) -> list[int]:           # `n_frames` strictly increasing indices in [0, n_total), from frame 0
+    "Frames of a clip at a fixed frame rate: frame i is the source frame nearest to time i / fps (never stretched)."
+    if n_frames < 1: raise ValueError(f"n_frames must be >= 1, got {n_frames}")
+    if fps < 0: raise ValueError(f"fps must be >= 0, got {fps}")
+    if fps == 0 or (clip_fps > 0 and abs(clip_fps - fps) <= 1e-6 * fps):
+        idx = list(range(n_frames))
+    else:
+        if not clip_fps > 0: raise ValueError(f"{where}: its frame rate is unknown, so it cannot be sampled at fps={fps:g}")
+        step = Fraction(clip_fps).limit_denominator(100_000) / Fraction(fps).limit_denominator(100_000)  # source frames per frame
+        idx = [math.floor(i * step + Fraction(1, 2)) for i in range(n_frames)]
+        if any(b <= a for a, b in zip(idx, idx[1:])):
+            raise ValueError(f"{where}: its {clip_fps:g} fps is below the target fps={fps:g}; frames would repeat "
+                             "(clips are never stretched)")
+    if idx[-1] >= n_total:
+        rate = clip_fps if fps == 0 else fps
+        raise ValueError(f"{where}: too short: {n_total} frames" + (f" at {clip_fps:g} fps" if clip_fps else "")
+                         + f", but n_frames={n_frames}" + (f" at fps={rate:g}" if rate else "")
+                         + f" needs frames up to {idx[-1]} (clips are never stretched)")
+    return idx
+
+
 # %% ../nbs/data.ipynb #3e01dc63
 def resize_video(
     video: torch.Tensor,     # (..., H, W), e.g. (T, C, H, W) video or (E, T, H, W) masks
@@ -467,20 +509,23 @@ class ClipDataset(Dataset):
     def __init__(
         self,
         manifest_path: str | Path,   # a JSON Lines clip manifest
-        n_frames: int = 17,          # frames sampled per clip (evenly spaced)
+        n_frames: int = 17,          # frames sampled per clip, from its first frame
         size: tuple[int, int] = (64, 64), # (height, width) after resize + centre crop
         mask_mode: str = "area",     # interpolation for masks (coverage-preserving by default)
+        check_files: bool = True,    # False: a missing video / masks file fails when its clip is read, not when the manifest is
+        fps: float = 0,              # frame rate the frames are sampled at (0: the clip's own; see `clip_frame_indices`)
     ):
         self.manifest_path, self.n_frames, self.size, self.mask_mode = Path(manifest_path), n_frames, tuple(size), mask_mode
-        self.records = read_manifest(manifest_path)
+        self.fps = fps
+        self.records = read_manifest(manifest_path, check_files=check_files)
 
     def __len__(self): return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
         video = load_video(rec.video)  # T, C, H, W uint8
-        try: idx = frame_indices(video.shape[0], self.n_frames)
-        except ValueError as e: raise ValueError(f"{rec.video} (manifest line {rec.line}): {e}") from None
+        clip_fps = video_fps(rec.video) if self.fps else 0.0
+        idx = clip_frame_indices(video.shape[0], self.n_frames, clip_fps, self.fps, where=f"{rec.video} (manifest line {rec.line})")
         masks = None
         if rec.masks is not None:
             masks = load_masks(rec.masks)  # E, T, H, W
@@ -491,7 +536,8 @@ class ClipDataset(Dataset):
             masks = resize_video(masks[:, idx].float(), self.size, mode=self.mask_mode).clamp(0, 1)  # E, T, h, w
         frames = resize_video(video[idx].float(), self.size)  # T, C, h, w in [0, 255]
         video = (frames / 127.5 - 1).clamp(-1, 1)
-        return dict(id=rec.id, caption=rec.caption, entities=list(rec.entities), video=video, masks=masks, line=rec.line)
+        return dict(id=rec.id, caption=rec.caption, entities=list(rec.entities), video=video, masks=masks, line=rec.line,
+                    frames=idx)   # the source frame indices (for masks, flow and providers read at the same frames)
 
 # %% ../nbs/data.ipynb #53e8f78f
 def collate_clips(
@@ -518,7 +564,7 @@ def collate_clips(
                 entities=[it["entities"] for it in items], line=[it["line"] for it in items],
                 video=video, masks=masks, entity_mask=entity_mask, has_masks=has_masks)
 
-# %% ../nbs/data.ipynb #f5db70e5
+# %% ../nbs/data.ipynb #f237409f
 def flow_path(
     root: str | Path, # the data root (the manifest's folder)
     clip_id: str,     # the clip id

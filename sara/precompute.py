@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import warnings
 from contextlib import contextmanager
@@ -24,8 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .config import ConfigError, dataclass_args, known_params, site_settings
-from .data import ClipDataset, atomic_path, frame_indices, load_video, resize_video
+from .config import ConfigError, dataclass_args, known_params, run_cli, site_settings, wan_facts
+from .data import ClipDataset, atomic_path, load_video, resize_video
 from .masks import MASK_PROVIDERS, MERGE_RULES, flow_to_grid, merge_entities, reduce_to_grid
 from .grids import ALIGNMENT, target_frames
 
@@ -34,8 +35,9 @@ __all__ = ['CACHE_FORMAT', 'MASK_SOURCES', 'FLOW_SOURCES', 'DTYPES', 'PRECOMPUTE
            'CONTENT_FIELDS', 'LAYER_FORMAT', 'PrecomputeConfigError', 'PrecomputeConfig', 'make_precompute_config',
            'content_settings', 'settings_key', 'cache_path', 'tensor_digest', 'file_digest', 'SettingsMismatchError',
            'CacheCorruptError', 'write_json_atomic', 'read_index', 'check_settings', 'resolve_precompute_device',
-           'PrecomputeModels', 'build_precompute_models', 'load_item', 'encode_clip', 'write_shard', 'read_entry',
-           'cache_lock', 'precompute', 'TargetCache', 'open_cache', 'write_layer', 'precompute_cli']
+           'PrecomputeModels', 'build_precompute_models', 'memory_budget', 'check_sizes', 'load_item', 'encode_clip',
+           'write_shard', 'read_entry', 'cache_lock', 'TooManyFailedClips', 'check_failures', 'precompute',
+           'TargetCache', 'open_cache', 'find_cache', 'write_layer', 'precompute_cli']
 
 # %% ../nbs/precompute.ipynb #6970b13f
 CACHE_FORMAT = "sara-cache/2"  # written in every index; a reader refuses other formats (1: before the exact grid alignment of `sara.grids`)
@@ -61,6 +63,7 @@ class PrecomputeConfig:
     manifest: str = ""         # manifest file name inside data_root, or a path ("" = site setting)
     cache_dir: str = ""        # where cache folders go ("" = site setting)
     n_frames: int = 17         # frames per clip fed to the Wan VAE (4k+1)
+    fps: int = 0               # frame rate clips are sampled at (0: from wan_model: 24 TI2V-5B, 16 A14B; tiny: the clip's own)
     height: int = 64           # frame height (multiple of 16)
     width: int = 64            # frame width (multiple of 16)
     wan_model: str = ""        # "tiny" or a diffusers Wan2.2 directory, for the VAE ("" = site setting)
@@ -103,6 +106,7 @@ class PrecomputeConfig:
         if self.merge not in MERGE_RULES: raise PrecomputeConfigError("merge", self.merge, f"one of {', '.join(MERGE_RULES)}")
         for k in ("y_dtype", "compute_dtype"):
             if getattr(self, k) not in DTYPES: raise PrecomputeConfigError(k, getattr(self, k), f"one of {', '.join(DTYPES)}")
+        if self.fps < 0: raise PrecomputeConfigError("fps", self.fps, "a frame rate >= 0 (0: the Wan model's own)")
         if self.shard_size < 1: raise PrecomputeConfigError("shard_size", self.shard_size, "an integer >= 1")
         if self.limit < 0: raise PrecomputeConfigError("limit", self.limit, "an integer >= 0 (0 = every clip)")
         if not 0 <= self.max_failed_fraction <= 1:
@@ -127,10 +131,13 @@ def make_precompute_config(
     root = Path(s.get("root", "."))
     for k in ("data_root", "cache_dir"): setattr(cfg, k, str((root / getattr(cfg, k)).resolve()))
     cfg.manifest = str((Path(cfg.data_root) / cfg.manifest).resolve())
+    if cfg.fps == 0:   # the Wan model's frame rate (config's `wan_facts`), resolved here so that the cache key holds it
+        try: cfg.fps = wan_facts(cfg.wan_model)["fps"]
+        except (FileNotFoundError, ValueError) as e: raise PrecomputeConfigError("wan_model", cfg.wan_model, f"a readable Wan model ({e})") from None
     return cfg
 
 # %% ../nbs/precompute.ipynb #5bcaa984
-CONTENT_FIELDS = ("manifest", "n_frames", "height", "width", "wan_model", "vfm_model", "text_model", "embedder",
+CONTENT_FIELDS = ("manifest", "n_frames", "fps", "height", "width", "wan_model", "vfm_model", "text_model", "embedder",
                   "masks", "mask_model", "flow", "flow_model", "merge", "y_dtype", "compute_dtype", "seed")
 
 def content_settings(
@@ -265,6 +272,49 @@ def build_precompute_models(
     return PrecomputeModels(vae=vae, text=text, embedder=embedder, vfm=vfm, mask_provider=provider, flow_provider=flow,
                             merge=cfg.merge, y_dtype=DTYPES[cfg.y_dtype], device=device)
 
+# %% ../nbs/precompute.ipynb #8e228d96
+def _wan_config(wan_model: str, part: str) -> dict:
+    "The config of a Wan2.2 part (`transformer` / `vae`): the tiny constructor kwargs, or `<dir>/<part>/config.json` ({} if absent)."
+    if wan_model == "tiny":
+        from sara.wan import tiny_wan_configs
+        return tiny_wan_configs()[part]
+    f = Path(wan_model).expanduser() / part / "config.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+def memory_budget(
+    device: str = "auto",  # auto | cpu | cuda
+) -> int:                  # bytes
+    "The memory one pass can fill: the GPU's for CUDA, else this machine's RAM."
+    dev = resolve_precompute_device(device)
+    if dev.type == "cuda": return torch.cuda.get_device_properties(dev.index or 0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+def check_sizes(
+    cfg: PrecomputeConfig,    # a resolved configuration
+    memory: int | None = None,  # bytes available (default: `memory_budget(cfg.device)`)
+) -> dict:                    # dit_grid (t, h, w), rope_max_seq_len, clip_bytes (lower bound of one clip's memory)
+    """Refuse, before any work, a clip size the models cannot take: a DiT token grid longer than the transformer's RoPE
+    table on some axis (`rope_max_seq_len` positions, diffusers' `WanRotaryPosEmbed` in transformer_wan.py slices its
+    tables to the grid), or a clip whose frames and first VAE activation alone exceed the memory."""
+    tr, vae = _wan_config(cfg.wan_model, "transformer"), _wan_config(cfg.wan_model, "vae")
+    s, ft = int(vae.get("scale_factor_spatial") or 8), int(vae.get("scale_factor_temporal") or 4)  # diffusers' defaults
+    pt, ph, pw = tr.get("patch_size", (1, 2, 2))
+    rope = int(tr.get("rope_max_seq_len", 1024))
+    grid = (((cfg.n_frames - 1) // ft + 1) // pt, cfg.height // (s * ph), cfg.width // (s * pw))
+    where = f"rope_max_seq_len = {rope} of the {'tiny' if cfg.wan_model == 'tiny' else cfg.wan_model} transformer"
+    for name, n, limit in (("n_frames", grid[0], (rope * pt - 1) * ft + 1), ("height", grid[1], rope * s * ph),
+                           ("width", grid[2], rope * s * pw)):
+        if n > rope: raise PrecomputeConfigError(name, getattr(cfg, name), f"at most {limit} ({n} DiT positions on this axis; {where})")
+    p = int(vae.get("patch_size") or 1)   # Wan2.2's VAE patchifies 2x2 before its first convolution
+    clip_bytes = 4 * cfg.n_frames * 3 * cfg.height * cfg.width + 4 * int(vae.get("base_dim", 96)) * (1 + ft) * cfg.height * cfg.width // p ** 2
+    memory = memory_budget(cfg.device) if memory is None else memory
+    if clip_bytes > memory:
+        raise PrecomputeConfigError("height/width", (cfg.height, cfg.width), f"a clip that fits in memory: {cfg.n_frames} frames at this "
+                                    f"size need at least {clip_bytes / 2**30:.1f} GiB (float frames and the VAE's first activation), "
+                                    f"{memory / 2**30:.1f} GiB available")
+    return dict(dit_grid=grid, rope_max_seq_len=rope, clip_bytes=clip_bytes)
+
+
 # %% ../nbs/precompute.ipynb #05cf20c2
 def _stage(timings: dict | None, name: str, device: torch.device):
     "Context manager adding the seconds of a block to `timings[name]` (synchronising CUDA)."
@@ -278,12 +328,12 @@ def _stage(timings: dict | None, name: str, device: torch.device):
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
     return cm()
 
-def _load_flow(path: Path, n_frames: int, size: tuple[int, int]) -> torch.Tensor:
-    "Flow file -> (n_frames, 2, h, w) float32 at the sampled frames, in pixels of the resized frames per sampled frame."
+def _load_flow(path: Path, idx: list[int], size: tuple[int, int]) -> torch.Tensor:
+    "Flow file -> (n, 2, h, w) float32 at the sampled frames `idx`, in pixels of the resized frames per sampled frame."
     from sara.data import load_flow  # checks the key 'flow' and the (T, 2, H, W) shape
     flow = load_flow(path)                                     # T, 2, H, W float32
     T, _, H, W = flow.shape
-    idx = frame_indices(T, n_frames)
+    if idx[-1] >= T: raise ValueError(f"{path}: {T} flow frames, but the clip's sampled frames reach frame {idx[-1]}")
     step = torch.tensor([b - a for a, b in zip(idx, idx[1:])] + [idx[-1] - idx[-2] if len(idx) > 1 else 1], dtype=torch.float32)
     scale = max(size[0] / H, size[1] / W)  # resize_video's aspect-preserving factor
     out = resize_video(flow[idx], size, mode="area") * scale  # n, 2, h, w
@@ -303,14 +353,14 @@ def load_item(
     if models is not None and models.mask_provider is not None:
         with _stage(timings, "masks", dev):
             raw = load_video(rec.video)                                         # T, C, H, W uint8 (a second decode)
-            idx = frame_indices(raw.shape[0], ds.n_frames)
+            idx = item["frames"]                                                # the frames the clip was sampled at
             m = models.mask_provider(raw, list(rec.entities), rec).masks        # E, T, H, W bool
             item["masks"] = resize_video(m[:, idx].float(), ds.size, mode=ds.mask_mode).clamp(0, 1)
     item["flow"] = None
     if flow == "files":
         f = Path(ds.manifest_path).resolve().parent / "flow" / f"{rec.id}.safetensors"
         if f.is_file():
-            with _stage(timings, "decode", torch.device("cpu")): item["flow"] = _load_flow(f, ds.n_frames, ds.size)
+            with _stage(timings, "decode", torch.device("cpu")): item["flow"] = _load_flow(f, item["frames"], ds.size)
     elif flow != "none":
         if models is None or models.flow_provider is None: raise ValueError(f"flow source {flow!r} needs models with a flow provider")
         with _stage(timings, "flow", dev):
@@ -472,6 +522,23 @@ def _next_shard(folder: Path, idx: dict) -> int:
     return max(nums, default=-1) + 1
 
 # %% ../nbs/precompute.ipynb #9bb4576c
+class TooManyFailedClips(RuntimeError):
+    "More clips failed than the pass's `max_failed_fraction` allows; the message lists them."
+
+def check_failures(
+    folder: Path,        # the cache folder (for the message)
+    idx: dict,           # its index (`failed`: clip id -> line, video, error)
+    records: list,       # the manifest records of the pass
+    max_failed_fraction: float,  # failed clips tolerated, as a fraction of `records`
+) -> list[str]:          # the failed clip ids, when within the limit
+    "One policy for missing, unreadable and bad clips: skipped and listed up to the limit; beyond it, `TooManyFailedClips`."
+    failed = [r.id for r in records if r.id in idx["failed"]]
+    if len(failed) <= max_failed_fraction * len(records): return failed
+    shown = "; ".join(f"{c} (line {idx['failed'][c]['line']}): {idx['failed'][c]['error']}" for c in failed[:10])
+    raise TooManyFailedClips(f"{folder}: {len(failed)} of {len(records)} clips failed, more than max_failed_fraction="
+                             f"{max_failed_fraction} allows: {shown}" + (f"; ... and {len(failed) - 10} more" if len(failed) > 10 else "")
+                             + "; fix or drop them in the manifest, or raise max_failed_fraction")
+
 def precompute(
     params: dict | PrecomputeConfig | None = None,  # pass parameters (see `PrecomputeConfig`) or a resolved config
     models: PrecomputeModels | None = None,  # prebuilt encoders (default: built from the config)
@@ -480,17 +547,40 @@ def precompute(
 ) -> Path:                        # the cache folder
     "Build or resume the cache of a manifest: encode every unfinished clip once, in shards, with checksums."
     cfg = params.validate() if isinstance(params, PrecomputeConfig) else make_precompute_config(params)
-    records_ds = ClipDataset(cfg.manifest, n_frames=cfg.n_frames, size=(cfg.height, cfg.width))
+    check_sizes(cfg)  # before any work: a size the models cannot take is a configuration error
+    # a missing video or masks file is a failed clip, like an unreadable one (`check_failures` applies the policy)
+    records_ds = ClipDataset(cfg.manifest, n_frames=cfg.n_frames, size=(cfg.height, cfg.width), check_files=False, fps=cfg.fps)
     n = len(records_ds.records) if not cfg.limit else min(cfg.limit, len(records_ds.records))
-    records, manifest = records_ds.records[:n], Path(cfg.manifest)
+    records = records_ds.records[:n]
     folder = cache_path(cfg)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+    try: report, idx = _precompute_pass(cfg, folder, records_ds, records, models, after_clip, timings)
+    finally:  # a new cache that got no finished clip is removed: never an empty index or an empty folder
+        if created and not (folder / "index.json").exists(): shutil.rmtree(folder, ignore_errors=True)
+    msg = (f"precompute {folder}: {report['done']} done, {report['skipped']} skipped, {report['failed']} failed, "
+           f"{sum(map(len, report['empty_entities'].values()))} empty entities"
+           + (f", {len(report['corrupt'])} corrupt recomputed" if report["corrupt"] else "")
+           + (f", {len(report['stale'])} stale recomputed" if report["stale"] else "")
+           + (f" ({report['clips_per_s']} clips/s)" if report["done"] else ""))
+    print(msg)
+    lines = ([f"  failed {cid}: {idx['failed'][cid]['error']}" for cid in report["failed_ids"]]
+             + [f"  corrupt, recomputed: {m}" for m in report["corrupt"]]
+             + [f"  empty entities in {cid}: {ents}" for cid, ents in report["empty_entities"].items()])
+    for line in lines[:20]: print(line)
+    if len(lines) > 20: print(f"  ... and {len(lines) - 20} more (index.json: failed, last_run)")
+    check_failures(folder, idx, records, cfg.max_failed_fraction)
+    return folder
+
+def _precompute_pass(cfg, folder, records_ds, records, models, after_clip, timings) -> tuple[dict, dict]:
+    "The locked pass of `precompute`: (report, index); the index file is written once it holds a finished clip."
+    manifest, t_start = Path(cfg.manifest), time.perf_counter()
     report = dict(done=0, skipped=0, failed=0, corrupt=[], stale=[], empty_entities={})
     with cache_lock(folder):
         for pat in (".shard_*.tmp*", ".index.*.tmp*"):
             for tmp in folder.glob(pat): tmp.unlink()  # leftovers of a killed writer
-        if (folder / "index.json").exists():
+        had_index = (folder / "index.json").exists()
+        if had_index:
             idx = read_index(folder)
             check_settings(idx["settings"], content_settings(cfg), folder / "index.json")
             if idx.get("versions") != _versions():
@@ -508,7 +598,7 @@ def precompute(
                     e["line"] = rec.line; report["skipped"] += 1; continue
                 report["stale"].append(rec.id)
             todo.append(i)
-        write_json_atomic(folder / "index.json", idx)
+        if had_index: write_json_atomic(folder / "index.json", idx)  # a new index is first written with its first entry
         if todo and models is None: models = build_precompute_models(cfg)
         if todo:
             try: models.vfm.geometry.grid(cfg.n_frames, cfg.height, cfg.width)
@@ -553,19 +643,9 @@ def precompute(
                       clips_per_s=round(report["done"] / enc, 3) if enc > 0 else None,
                       failed_ids=[r.id for r in records if r.id in idx["failed"]], config=cfg.to_dict())
         idx["last_run"] = report
-        write_json_atomic(folder / "index.json", idx)
-    msg = (f"precompute {folder}: {report['done']} done, {report['skipped']} skipped, {report['failed']} failed, "
-           f"{sum(map(len, report['empty_entities'].values()))} empty entities"
-           + (f", {len(report['corrupt'])} corrupt recomputed" if report["corrupt"] else "")
-           + (f", {len(report['stale'])} stale recomputed" if report["stale"] else "")
-           + (f" ({report['clips_per_s']} clips/s)" if report["done"] else ""))
-    print(msg)
-    lines = ([f"  failed {cid}: {idx['failed'][cid]['error']}" for cid in report["failed_ids"]]
-             + [f"  corrupt, recomputed: {m}" for m in report["corrupt"]]
-             + [f"  empty entities in {cid}: {ents}" for cid, ents in report["empty_entities"].items()])
-    for line in lines[:20]: print(line)
-    if len(lines) > 20: print(f"  ... and {len(lines) - 20} more (index.json: failed, last_run)")
-    return folder
+        if (folder / "index.json").exists(): write_json_atomic(folder / "index.json", idx)
+    return report, idx
+
 
 # %% ../nbs/precompute.ipynb #74c864e2
 _LAYER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
@@ -649,6 +729,32 @@ def open_cache(
         check_settings({k: cache.settings[k] for k in want}, want, Path(path) / "index.json")
     return cache
 
+# %% ../nbs/precompute.ipynb #dfd1c770
+def find_cache(
+    spec: str,                     # "latest" (the newest cache under cache_dir with a finished clip) or a cache folder
+    settings: dict | None = None,  # site settings: cache_dir, and root for relative folders (default: `site_settings()`)
+) -> Path:                         # an existing cache folder
+    """Resolve a `cache` parameter (papermill, CLI). A relative folder is taken from the settings file's folder, like
+    every path of `settings.ini`, so that it means the same from `nbs/` (papermill `--cwd nbs`) as from the repository."""
+    s = site_settings() if settings is None else settings
+    root = Path(s.get("root", "."))
+    if spec != "latest":
+        p = (root / spec).resolve()
+        if not (p / "index.json").is_file():
+            raise FileNotFoundError(f"cache {spec!r} ({p}) is not a cache folder (no index.json); pass cache=latest or one of "
+                                    f"{sorted(q.parent.name for q in Path(s['cache_dir']).glob('*/index.json'))} under {s['cache_dir']}")
+        return p
+    found = []
+    for f in Path(s["cache_dir"]).glob("*/index.json"):
+        try: n = len(read_index(f)["entries"])
+        except (ValueError, OSError): continue   # another format, or corrupt: never picked by 'latest'
+        if n: found.append((f.stat().st_mtime_ns, f.parent))
+    if not found:
+        raise FileNotFoundError(f"cache='latest': no cache with a finished clip under {s['cache_dir']}; build one with "
+                                "sara-precompute (or nbs/precompute.ipynb), or pass a cache folder")
+    return max(found)[1]
+
+
 # %% ../nbs/precompute.ipynb #724c2a7b
 LAYER_FORMAT = "sara-cache-layer/1"
 
@@ -690,8 +796,9 @@ def write_layer(
                 diff = sorted(k for k in set(li["meta"]) | set(meta) if li["meta"].get(k) != meta.get(k))
                 raise ValueError(f"{f}: layer {name!r} holds entries of head {li['meta']}, not {meta} (differs in {diff}); "
                                  "a layer never mixes heads: pass overwrite=True to start it over, or use another name")
-            li = None  # start over; the old parts are removed after the new index is in place
+            li = None  # start over; the old parts are moved aside after the new index is in place
         old_parts = sorted(p.name for p in folder.glob("part_*.safetensors")) if li is None and f.is_file() else []
+        old_index = f.read_text() if old_parts else None
         if li is None:
             nxt = max((int(p.stem.split("_")[1]) for p in folder.glob("part_*.safetensors")), default=-1) + 1
             li = dict(format=LAYER_FORMAT, name=name, meta=meta, base_key=base["key"], fields={}, entries={}, next_part=nxt)
@@ -708,15 +815,24 @@ def write_layer(
             for k, v in recs[cid]["fields"].items(): li["fields"][k] = v["dtype"]
         li["next_part"] += 1
         write_json_atomic(f, li)
-        for p in old_parts: (folder / p).unlink(missing_ok=True)
+        if old_parts:  # the earlier head's layer is moved aside (outside layers/), never deleted
+            aside = path / "previous-layers" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            aside.mkdir(parents=True)
+            for p in old_parts: os.replace(folder / p, aside / p)
+            (aside / "index.json").write_text(old_index)
     return part
 
 # %% ../nbs/precompute.ipynb #4a8c07de
 def precompute_cli(
     argv: list[str] | None = None,  # command-line arguments (default: `sys.argv[1:]`)
-) -> Path:                          # the cache folder
-    "Console entry point `sara-precompute`: every `PrecomputeConfig` field is a `--flag`."
-    args = dataclass_args(PrecomputeConfig, argv, "sara-precompute", "Build or resume the precompute cache of the SARA workbench")
-    folder = precompute(make_precompute_config(args))
-    print(json.dumps(dict(cache=str(folder), **read_index(folder)["last_run"])))
-    return folder
+) -> None:                          # nothing: the console-script wrapper then exits 0
+    """Console entry point `sara-precompute`: every `PrecomputeConfig` field is a `--flag`; prints the cache folder and
+    the pass's summary as JSON. Exits 0 on success, 2 with one line naming the field on a configuration error, 1 on a
+    failure (too many failed clips: one line listing them)."""
+    def main():
+        args = dataclass_args(PrecomputeConfig, argv, "sara-precompute", "Build or resume the precompute cache of the SARA workbench",
+                              PRECOMPUTE_CHOICES)
+        folder = precompute(make_precompute_config(args))
+        print(json.dumps(dict(cache=str(folder), **read_index(folder)["last_run"])))
+    run_cli("sara-precompute", main, failures=(TooManyFailedClips,))
+

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 
-from .config import RunConfig, make_config, save_config, ConfigError, dataclass_args, notebook_params, run_cli, RUN_CHOICES
+from .config import RunConfig, make_config, save_config, ConfigError, apply_wan_facts, check_expert, dataclass_args, notebook_params, run_cli, RUN_CHOICES
 from .checkpoint import write_checkpoint, latest_checkpoint, verify_checkpoint, set_aside_newer
 from .wan import (build_wan, dit_grid, FeatureTap, Projector, sample_sigmas, expert_window,
-                      loss_weights, flow_matching_pair, flow_matching_loss, dit_forward)
+                      loss_weights, flow_matching_inputs, flow_matching_loss, dit_forward, drop_prompts)
 from .trd import trd_loss
 from .grids import GridMap, align_dit, align_target, target_frames
 from .routing import budget_shares
@@ -26,10 +26,10 @@ from .routing import budget_shares
 # %% auto #0
 __all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'resolve_device', 'batch_order', 'lr_factor', 'lam_at', 'cache_params',
            'check_cache_settings', 'cache_folder', 'load_targets', 'collate_targets', 'Trainee', 'Models', 'add_lora',
-           'build_models', 'trainable_parameters', 'step_losses', 'MetricsLog', 'read_metrics', 'truncate_metrics',
-           'full_state_dict', 'trained_weights', 'export_weights', 'load_checkpoint', 'check_run_dir', 'TrainState',
-           'resume_folder', 'make_accelerator', 'train', 'run_validation', 'plot_losses', 'cli_args', 'train_cli',
-           'launch']
+           'empty_prompt_embeds', 'build_models', 'trainable_parameters', 'step_losses', 'MetricsLog', 'read_metrics',
+           'truncate_metrics', 'full_state_dict', 'trained_weights', 'export_weights', 'load_checkpoint',
+           'check_run_dir', 'TrainState', 'resume_folder', 'make_accelerator', 'train', 'run_validation', 'plot_losses',
+           'cli_args', 'train_cli', 'launch']
 
 # %% ../nbs/train.ipynb #9a5da4e7
 def resolve_device(
@@ -81,7 +81,7 @@ def cache_params(
     cfg: RunConfig,     # the run
 ) -> dict:              # `sara.precompute.PrecomputeConfig` parameters for the run's data
     "The precompute parameters of the cache this run reads (same data, frames, size, models and seed)."
-    return dict(data_root=cfg.data_root, manifest=cfg.manifest, cache_dir=cfg.cache_dir, n_frames=cfg.n_frames,
+    return dict(data_root=cfg.data_root, manifest=cfg.manifest, cache_dir=cfg.cache_dir, n_frames=cfg.n_frames, fps=cfg.fps,
                 height=cfg.height, width=cfg.width, wan_model=cfg.wan_model, vfm_model=cfg.vfm_model,
                 text_model=cfg.text_model, seed=cfg.seed, device=cfg.device)
 
@@ -91,7 +91,7 @@ def check_cache_settings(
     where: str,         # the cache folder (for messages)
 ):
     "Refuse a cache made with other data settings than the run's, naming the field."
-    for k in ("n_frames", "height", "width", "wan_model", "vfm_model", "text_model"):
+    for k in ("n_frames", "fps", "height", "width", "wan_model", "vfm_model", "text_model"):
         if k in settings and settings[k] != getattr(cfg, k):
             raise ConfigError(k, getattr(cfg, k), f"{settings[k]!r}, the value the cache {where} was made with")
 
@@ -160,7 +160,7 @@ class Trainee(torch.nn.Module):
 
     def forward(self,
                 x_t: torch.Tensor,            # B, z, t, h, w noisy latents
-                timesteps: torch.Tensor,      # B timesteps
+                timesteps: torch.Tensor,      # B timesteps, or B, N per token (TI2V: 0 on the image latent)
                 prompt: torch.Tensor,         # B, L, Dt prompt embeddings
                 project: bool = True,         # also project the tapped hidden states (False for sft)
                ) -> tuple:                    # pred (B, z, t, h, w), projected features (B, N_dit, D) or None
@@ -179,6 +179,7 @@ class Models:
     vfm: torch.nn.Module = None # frozen VFM, only with `targets_in_loop`
     text: object = None         # unused by the loop (prompts come from the cache); kept for sampling
     expert: str = ""            # "", "high" or "low" (A14B)
+    empty_prompt: torch.Tensor = None  # L, Dt embedding of the empty prompt (only with text_dropout > 0)
     block: int = 1              # the tapped DiT block
     trainee_call: object = None # the `Trainee` as wrapped by accelerate (DDP); default: a plain `Trainee`
 
@@ -203,6 +204,15 @@ def add_lora(
     dit.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=True,
                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]))
 
+def empty_prompt_embeds(
+    text_model: str,        # the cache's prompt encoder: "minilm" or a Wan2.2 directory (UMT5)
+) -> torch.Tensor:          # L, Dt float32, padded like the cached prompts
+    "The empty prompt's embedding (classifier-free guidance dropout), encoded once per run as the cache's prompts are."
+    from sara.text import build_text_encoder
+    enc = build_text_encoder(text_model)
+    with torch.no_grad(): e, _ = enc.encode_prompts([""])      # 1, L, Dt
+    return e[0].float()
+
 def build_models(
     cfg: RunConfig,         # resolved configuration (model locations, seed, block, expert, lora)
     device: torch.device,   # where the models live
@@ -210,9 +220,8 @@ def build_models(
 ) -> Models:
     "Build or load the DiT(s) and the projector (initialised from `cfg.seed`); add LoRA and checkpointing as asked."
     dtype = dict(float32=torch.float32, bfloat16=torch.bfloat16)[cfg.weights_dtype]
-    wan = build_wan(cfg.wan_model, seed=cfg.seed, shift=cfg.flow_shift, dtype=dtype)
-    if cfg.expert and wan.transformer_2 is None:
-        raise ConfigError("expert", cfg.expert, "'' for a model without transformer_2/ (TI2V-5B, tiny): only A14B has experts")
+    wan = build_wan(cfg.wan_model, seed=cfg.seed, shift=cfg.flow_shift or None, dtype=dtype)   # 0: the model's shift
+    check_expert(cfg.expert, wan.transformer_2 is not None, wan.boundary_ratio, cfg.wan_model)   # A14B: high or low
     models = Models(wan=wan, projector=None, expert=cfg.expert, block=cfg.block)
     other = wan.transformer if cfg.expert == "low" else wan.transformer_2
     if other is not None: other.requires_grad_(False)   # the expert not trained in this run stays frozen
@@ -226,6 +235,7 @@ def build_models(
     dit.to(device).train(); models.projector.to(device=device, dtype=dtype).train()
     if cfg.method == "sft": models.projector.requires_grad_(False)   # unused: no gradient, nothing for DDP to wait on
     if cfg.grad_checkpointing: dit.enable_gradient_checkpointing()
+    if cfg.text_dropout > 0: models.empty_prompt = empty_prompt_embeds(cfg.text_model).to(device)
     if cfg.targets_in_loop:
         from sara.vfm import build_vfm
         models.vfm = build_vfm(cfg.vfm_model, seed=cfg.seed).to(device)
@@ -239,7 +249,7 @@ def trainable_parameters(models: Models) -> list:  # the parameters the optimise
 def step_losses(
     batch: dict,            # from `collate_targets`
     models: Models,         # the run's models
-    cfg: RunConfig,         # method, op, margin, block, trd_impl, expert, loss_weighting
+    cfg: RunConfig,         # method, op, margin, block, trd_impl, expert, loss_weighting, task, text_dropout
     noise_gen: torch.Generator,  # CPU generator of noise and timesteps (seeded identically for every method)
     lam: float | None = None,    # TRD weight of this step (default `cfg.lam`)
 ) -> dict:                  # fm, trd (0 for sft), total: 0-dim tensors
@@ -250,10 +260,11 @@ def step_losses(
     noise = torch.randn(x0.shape, generator=noise_gen).to(x0)                # drawn on the CPU: identical on any device
     window = expert_window(models.wan.boundary_ratio, cfg.expert)
     sigmas, timesteps = sample_sigmas(models.wan.scheduler, x0.shape[0], noise_gen, device=x0.device, window=window)
-    x_t, target = flow_matching_pair(x0, noise, sigmas.to(x0))
+    x_t, target, t_model, fm_mask = flow_matching_inputs(x0, noise, sigmas.to(x0), timesteps.to(x0.device), cfg.task, dit.config.patch_size)
     op = cfg.routing_op
-    pred, feats = models.trainee()(x_t, timesteps.to(x0.device), batch["prompt"], project=op is not None)
-    fm = flow_matching_loss(pred, target, loss_weights(models.wan.scheduler, timesteps, cfg.loss_weighting))
+    prompt = drop_prompts(batch["prompt"], models.empty_prompt, cfg.text_dropout, noise_gen)   # B, L, Dt
+    pred, feats = models.trainee()(x_t, t_model, prompt, project=op is not None)
+    fm = flow_matching_loss(pred, target, loss_weights(models.wan.scheduler, timesteps, cfg.loss_weighting), mask=fm_mask)
     if op is None: trd = fm.new_zeros(())
     else:
         t_factor = models.wan.vae.config.scale_factor_temporal or 4
@@ -376,8 +387,11 @@ def check_run_dir(
     resume: str,          # the run's `resume` setting ("" = a fresh run)
     move: bool = True,    # move an earlier run aside when `overwrite` (several processes: only the main one moves)
 ):
-    "Refuse to start a fresh run in a folder that holds an earlier run's results, unless `overwrite` (then they are moved aside)."
+    "Refuse to start a fresh run in a folder that holds an earlier run's results, unless `overwrite` (then they are moved aside); refuse `resume=latest` on a folder that does not exist."
     rd = Path(run_dir)
+    if resume == "latest" and not rd.is_dir():   # a typo in run_name / run_dir must not start a new run silently
+        raise ConfigError("resume", resume, f"an existing run folder to resume: {rd} does not exist (check run_name / run_dir; "
+                          "leave resume empty to start a new run)")
     found = [p.name for p in (rd / "checkpoints", rd / "checkpoint", rd / "metrics.jsonl") if p.exists()]
     if not found or resume: return
     if not overwrite:
@@ -439,7 +453,7 @@ def train(
 ) -> dict:                     # run_dir, metrics (rows of this call), models, targets, cache
     "Run Stage 2 from the cache: `cfg.steps` optimisation steps with checkpoints, metrics, exports and validation."
     from diffusers.training_utils import EMAModel
-    cfg.validate()
+    apply_wan_facts(cfg.validate())   # flow_shift and fps resolved from the model, so config.json records the values used
     acc = make_accelerator(cfg)
     main, device = acc.is_main_process, acc.device
     check_run_dir(cfg.run_dir, cfg.overwrite, cfg.resume, move=main)

@@ -14,7 +14,8 @@ import torch
 from sara.config import site_settings
 from sara.data import load_masks, load_video, read_manifest, save_masks, write_video
 from sara.masks import flow_to_grid, reduce_to_grid, saliency_from_masks
-from sara.precompute import (CacheCorruptError, PrecomputeConfig, SettingsMismatchError, build_precompute_models,
+from sara.precompute import (CacheCorruptError, PrecomputeConfig, PrecomputeConfigError, SettingsMismatchError, TooManyFailedClips,
+                             build_precompute_models, check_sizes,
                              make_precompute_config, open_cache, precompute, read_index, settings_key, write_layer)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,6 +212,7 @@ def test_crash_in_process_loses_only_the_open_shard(tmp_path, models):
 
 
 def test_bad_clips_are_recorded_and_the_run_goes_on(tmp_path, models):
+    "One policy for missing, unreadable and too-short clips: skipped and listed within max_failed_fraction."
     data = copy_toy(tmp_path / "toy")
     (data / "videos" / "broken.mp4").write_bytes(os.urandom(4096))           # unreadable
     write_video(data / "videos" / "short.mp4", torch.zeros(5, 3, 64, 64, dtype=torch.uint8))  # 5 < 17 frames
@@ -221,24 +223,53 @@ def test_bad_clips_are_recorded_and_the_run_goes_on(tmp_path, models):
     lines = (data / "manifest.jsonl").read_text().splitlines()
     lines.insert(2, json.dumps(dict(id="broken", video="videos/broken.mp4", caption="noise", entities=["static"])))
     lines.append(json.dumps(dict(id="short", video="videos/short.mp4", caption="a blink", entities=["nothing"])))
+    lines.append(json.dumps(dict(id="gone", video="videos/gone.mp4", caption="a ghost", entities=["ghost"])))  # missing
     (data / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    folder = precompute(make_cfg(tmp_path / "c", data), models=models)
+    folder = precompute(make_cfg(tmp_path / "c", data, max_failed_fraction=0.5), models=models)
     cache = open_cache(folder)
-    assert sorted(cache.failed) == ["broken", "short"]
+    assert sorted(cache.failed) == ["broken", "gone", "short"]
     assert "broken.mp4" in cache.failed["broken"]["error"] and cache.failed["broken"]["line"] == 3
-    assert "fewer than" in cache.failed["short"]["error"]
+    assert "short.mp4" in cache.failed["short"]["error"] and "5 frames" in cache.failed["short"]["error"]
+    assert "FileNotFoundError" in cache.failed["gone"]["error"] and "gone.mp4" in cache.failed["gone"]["error"]
     assert len(cache) == N_TOY and "broken" not in cache.ids
     assert cache.empty_entities == {"toy_001": [ents[1]]}
     e = cache["toy_001"]
     assert e["empty_entities"] == [ents[1]] and e["masks_grid"][1].abs().sum() == 0
     run = read_index(folder)["last_run"]
-    assert (run["done"], run["failed"], run["empty_entities"]) == (N_TOY, 2, {"toy_001": [ents[1]]})
+    assert (run["done"], run["failed"], run["empty_entities"]) == (N_TOY, 3, {"toy_001": [ents[1]]})
     with pytest.raises(KeyError, match="it failed"):
         cache["broken"]
     # a rerun retries the failed clips (they fail again) and skips the rest
     calls = []
-    precompute(make_cfg(tmp_path / "c", data), models=models, after_clip=calls.append)
-    assert calls == [] and read_index(folder)["last_run"]["failed"] == 2
+    precompute(make_cfg(tmp_path / "c", data, max_failed_fraction=0.5), models=models, after_clip=calls.append)
+    assert calls == [] and read_index(folder)["last_run"]["failed"] == 3
+    # beyond the default 5% the pass fails, listing the clips; what finished is kept
+    with pytest.raises(TooManyFailedClips, match=r"3 of 11 clips failed, more than max_failed_fraction=0.05 allows: broken \(line 3\)"):
+        precompute(make_cfg(tmp_path / "c", data), models=models)
+    assert len(open_cache(folder)) == N_TOY
+
+
+def test_a_failed_pass_leaves_no_empty_index(tmp_path, models):
+    "The index is written with the first finished clip: a pass that finishes none leaves no cache folder behind."
+    data = copy_toy(tmp_path / "toy")
+    for v in (data / "videos").glob("*.mp4"): v.unlink()                      # every video missing
+    with pytest.raises(TooManyFailedClips, match=f"{N_TOY} of {N_TOY} clips failed"):
+        precompute(make_cfg(tmp_path / "c", data), models=models)
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+    def boom(cid): raise RuntimeError("killed before the first shard")
+    with pytest.raises(RuntimeError, match="killed"):
+        precompute(make_cfg(tmp_path / "c", TOY), models=models, after_clip=boom)
+    assert not any((tmp_path / "c").iterdir())
+
+
+def test_sizes_are_checked_before_any_work(tmp_path):
+    with pytest.raises(PrecomputeConfigError, match="PrecomputeConfig.height = 100000 is not allowed; expected at most 1024"):
+        precompute(make_cfg(tmp_path / "c", height=100000, width=100000))
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(PrecomputeConfigError, match="PrecomputeConfig.n_frames = 1029 is not allowed; expected at most 253"):
+        check_sizes(make_cfg(tmp_path / "c", n_frames=1029))
+    with pytest.raises(PrecomputeConfigError, match=r"height/width = \(1024, 1024\) .* GiB available"):
+        check_sizes(make_cfg(tmp_path / "c", height=1024, width=1024), memory=2**28)
 
 
 def test_stale_entry_is_recomputed_when_the_caption_changes(tmp_path, models):
