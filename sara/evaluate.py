@@ -274,7 +274,7 @@ def run_vbench(
     weights_dir: str = "",      # VBench weights folder (default backend)
     device: str = "cpu",        # device (default backend)
     n_boot: int = 1000,         # bootstrap resamples of the intervals (prompts resampled as clusters)
-) -> dict:                      # {"ran": {dim: score}, "not_run": {dim: reason}, "ci": {dim: [lo, hi]}, "n_videos": {dim: n}}
+) -> dict:                      # ran {dim: score}, not_run {dim: reason}, ci {dim: [lo, hi]}, n_videos, videos {dim: {file: value}}
     "Run VBench dimensions one by one; every dimension ends in `ran` (with an interval when per-video scores exist) or in `not_run` with a reason."
     out = dict(ran={}, not_run={}, ci={}, n_videos={})
     unknown = [d for d in dimensions if d not in VBENCH_DIMENSIONS]
@@ -294,6 +294,7 @@ def run_vbench(
         out["ran"][d] = s
         vids = res.get("videos") or []
         out["n_videos"][d] = len(vids)
+        out.setdefault("videos", {})[d] = {Path(v["video_path"]).name: float(v["value"]) for v in vids}  # for paired comparisons
         if vids:
             _, lo, hi = cluster_bootstrap_ci([v["value"] for v in vids], [prompt_of_file(v["video_path"]) for v in vids], n_boot)
             out["ci"][d] = [lo, hi]
@@ -986,6 +987,11 @@ def evaluate_runs(
                     paired.append(dict(method=m, baseline=baseline, dimension=f"videophy2:{k}",
                                        **paired_bootstrap({f: v[i] for f, v in vp[m]["per_video"].items()},
                                                           {f: v[i] for f, v in vp[baseline]["per_video"].items()}, n_boot)))
+    for m in vb:   # VBench per-video results, paired by file name (same prompt, same index, same noise)
+        if m == baseline or baseline not in vb: continue
+        for d, per in vb[m].get("videos", {}).items():
+            if vb[baseline].get("videos", {}).get(d):
+                paired.append(dict(method=m, baseline=baseline, dimension=f"vbench:{d}", **paired_bootstrap(per, vb[baseline]["videos"][d], n_boot)))
     toy = {}
     for rd in run_dirs:
         try: toy[Path(rd).name] = toy_scores(rd)
@@ -999,11 +1005,12 @@ def evaluate_runs(
     table = metrics_table(methods, rubric_rows, vb, pixel, vp, toy, not_run)
     figs = []
     if rubric_rows: figs.append(("VLM rubric", score_bars(rubric_rows)))
-    if entries["rubric"] and prompts:
-        p0, s0 = prompts[0], seeds[0]
-        vids = {m: load_video(folders[m] / f"{p0['id']}_s{s0}.mp4") for m in entries["rubric"]}
-        figs.append((f"Frames: {p0['prompt']} (seed {s0}, noise {noise_seed(p0['id'], s0)}, same for every run)",
-                     frame_grid(vids, title=f"{p0['id']}, seed {s0}")))
+    for b, (_, _, sub) in plan.items():   # one grid per benchmark: its first sample, every run, the same prompt and noise
+        if not entries[b]: continue
+        e0 = next(iter(entries[b].values()))[0]
+        vids = {m: load_video(out / sub / m / e0["file"]) for m in entries[b]}
+        figs.append((f"Frames ({b}): {e0['prompt']} (seed {e0['seed']}, noise {e0['noise_seed']}, the same for every run)",
+                     frame_grid(vids, title=f"{e0['prompt_id'][:60]}, seed {e0['seed']}")))
     benchmarks = {b: (f"not run: {not_run[b]}" if b in not_run else "ran") for b in ("vbench", "videophy2", "rubric", "toy", "study")}
     tables = [("Paired differences against the baseline (same prompts and noise)", paired_table(paired))] if paired else []
     report = write_report(out, f"Comparison of {', '.join(methods)}", table, figs, problems, tables=tables,

@@ -85,7 +85,7 @@ def test_notebook_end_to_end_with_bad_inputs(runs, tmp_path):
     page = (out / "study" / "index.html").read_text()
     assert "sft" not in page and "sara" not in page and len(json.loads((out / "study" / "key.json").read_text())["trials"]) == 2
     html = (out / "report.html").read_text()
-    assert "Methods x metrics" in html and "plotly" in html.lower() and "Frames:" in html
+    assert "Methods x metrics" in html and "plotly" in html.lower() and "Frames (rubric)" in html and "Frames (vbench)" in html and "Frames (videophy2)" in html
     nb = json.loads((tmp_path / "ev.ipynb").read_text())
     assert any("application/vnd.plotly" in json.dumps(c.get("outputs", [])) for c in nb["cells"])
 
