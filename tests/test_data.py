@@ -190,7 +190,8 @@ def test_clip_dataset_on_shipped_toy():
 def test_clip_dataset_resamples_masks_like_video():
     ds = ClipDataset(TOY, n_frames=9, size=(32, 32))
     it = ds[0]
-    full = load_masks(ds.records[0].masks)[:, frame_indices(17, 9)].float()  # E, 9, 64, 64
+    full = load_masks(ds.records[0].masks)[:, it["frames"]].float()  # E, 9, 64, 64 (the clip's own rate: frames 0..8)
+    assert it["frames"] == list(range(9))
     assert it["masks"].shape == (len(it["entities"]), 9, 32, 32)
     assert torch.allclose(it["masks"].mean((-2, -1)), full.mean((-2, -1)), atol=1e-6)  # area preserved
 
@@ -332,7 +333,7 @@ def test_short_video_names_file(tmp_path):
     (tmp_path / "videos").mkdir()
     write_video(tmp_path / "videos" / "a.mp4", torch.zeros(5, 3, 16, 16, dtype=torch.uint8))
     ds = ClipDataset(_write(tmp_path, GOOD), n_frames=17, size=(16, 16))
-    with pytest.raises(ValueError, match=r"a\.mp4 \(manifest line 1\).*5 frames, fewer than the n_frames=17"):
+    with pytest.raises(ValueError, match=r"a\.mp4 \(manifest line 1\): too short: 5 frames, but n_frames=17"):
         ds[0]
 
 

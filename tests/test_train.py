@@ -191,7 +191,7 @@ def test_a14b_expert_trains_one_expert_in_its_window(cfg_for, tmp_path, monkeypa
     monkeypatch.setattr(T, "sample_sigmas", lambda *a, **k: (lambda r: (seen.append(r[1].clone()), r)[1])(orig(*a, **k)))
     for expert, ok in (("low", lambda t: t < 875), ("high", lambda t: t >= 875)):
         seen.clear()
-        cfg = cfg_for(run_name=f"a14b-{expert}", wan_model=wan_dir, expert=expert, steps=2)
+        cfg = cfg_for(run_name=f"a14b-{expert}", wan_model=wan_dir, expert=expert, steps=2, fps=8)  # the toy clips' 8 fps (A14B: 16)
         out = train(cfg, progress=False)
         m = out["models"]
         trained, other = (m.wan.transformer_2, m.wan.transformer) if expert == "low" else (m.wan.transformer, m.wan.transformer_2)
