@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from .data import ClipRecord, check_masks, find_flow, load_flow, load_masks, read_mask_entities
 
 # %% auto #0
-__all__ = ['MERGE_RULES', 'MASK_PROVIDERS', 'reduce_to_grid', 'merge_entities', 'saliency_from_masks', 'MaskResult',
-           'empty_entities', 'MaskProvider', 'ToyMaskProvider', 'Sam3MaskProvider', 'make_tiny_sam3_dir',
-           'Sam2MaskProvider', 'make_tiny_sam2_dir', 'build_mask_provider', 'flow_to_grid', 'ToyFlowProvider',
-           'RaftFlowProvider', 'build_flow_provider']
+__all__ = ['MERGE_RULES', 'SAM2_BACKENDS', 'MASK_PROVIDERS', 'reduce_to_grid', 'merge_entities', 'saliency_from_masks',
+           'MaskResult', 'empty_entities', 'MaskProvider', 'ToyMaskProvider', 'Sam3MaskProvider', 'make_tiny_sam3_dir',
+           'sam2_config_for', 'Sam2MaskProvider', 'make_tiny_sam2_dir', 'tiny_sam2_overrides',
+           'make_tiny_sam2_checkpoint', 'build_mask_provider', 'flow_to_grid', 'ToyFlowProvider', 'RaftFlowProvider',
+           'build_flow_provider']
 
 # %% ../nbs/masks.ipynb #9e5d423b
 def _as_float_masks(masks: torch.Tensor) -> torch.Tensor:
@@ -267,43 +268,76 @@ def make_tiny_sam3_dir(
     return root
 
 # %% ../nbs/masks.ipynb #f38e98d6
-def _sam2_backend() -> str:
-    "'transformers' when transformers ships Sam2VideoModel, 'sam2' when the sam2 package is installed; else ImportError."
-    try:
-        from transformers import Sam2VideoModel, Sam2VideoProcessor  # noqa: F401
-        return "transformers"
-    except ImportError: pass
-    try:
-        import sam2  # noqa: F401
-        return "sam2"
-    except ImportError: pass
-    raise ImportError("the sam2 mask provider needs transformers >= 4.56 (Sam2VideoModel) or the `sam2` package: "
-                      "pip install -U transformers   (or: pip install git+https://github.com/facebookresearch/sam2)")
+SAM2_BACKENDS = ("auto", "transformers", "sam2")
+_SAM2_SIZES = {"hiera_tiny": "t", "hiera_small": "s", "hiera_base_plus": "b+", "hiera_large": "l"}  # checkpoint name -> config suffix
+
+def _sam2_backend(
+    path=None,              # the checkpoint: a directory (transformers) or a `.pt` file (sam2 package); None: either
+    backend: str = "auto",  # one of `SAM2_BACKENDS`
+) -> str:                   # "transformers" or "sam2"
+    "Which SAM 2 implementation loads `path`; ImportError saying what to install when it is not importable."
+    if backend not in SAM2_BACKENDS: raise ValueError(f"SAM 2 backend must be one of {SAM2_BACKENDS}, got {backend!r}")
+    if backend == "auto" and path is not None: backend = "sam2" if Path(path).suffix in (".pt", ".pth") else "transformers"
+    def tf():
+        try: from transformers import Sam2VideoModel, Sam2VideoProcessor  # noqa: F401
+        except ImportError: return False
+        return True
+    def pkg():
+        try: import sam2  # noqa: F401
+        except ImportError: return False
+        return True
+    if backend in ("auto", "transformers") and tf(): return "transformers"
+    if backend in ("auto", "sam2") and pkg(): return "sam2"
+    need = {"transformers": "transformers >= 4.56 (Sam2VideoModel): pip install -U transformers",
+            "sam2": "the `sam2` package: pip install sam2 (on a CPU machine: SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2)",
+            "auto": "transformers >= 4.56 (Sam2VideoModel) or the `sam2` package: pip install -U transformers, or pip install sam2"}[backend]
+    raise ImportError(f"the sam2 mask provider needs {need}")
+
+def sam2_config_for(
+    ckpt,  # a facebookresearch/sam2 checkpoint file, e.g. sam2.1_hiera_tiny.pt
+) -> str:  # the package's Hydra config name, e.g. configs/sam2.1/sam2.1_hiera_t.yaml
+    "The `sam2` package's config of a released checkpoint, from its file name."
+    stem = Path(ckpt).stem
+    ver = "sam2.1" if stem.startswith("sam2.1") else "sam2"
+    size = next((s for k, s in _SAM2_SIZES.items() if stem.endswith(k)), None)
+    if size is None: raise ValueError(f"cannot tell the SAM 2 config of {Path(ckpt).name}; pass config= (e.g. configs/sam2.1/sam2.1_hiera_t.yaml)")
+    return f"configs/{ver}/{ver}_hiera_{size}.yaml"
 
 class Sam2MaskProvider(MaskProvider):
     "SAM 2 video masks propagated from the box / point prompt of each entity (manifest field `prompts`)."
     name = "sam2"
 
     def __init__(self,
-                 path,                       # local directory of a transformers SAM 2 video checkpoint
+                 path,                       # transformers checkpoint directory, or a `.pt` checkpoint of the sam2 package
                  device: str = "cpu",        # inference device
-                 dtype: torch.dtype = torch.float32, # model dtype
+                 dtype: torch.dtype = torch.float32, # model dtype (sam2 package: autocast dtype on CUDA)
+                 backend: str = "auto",      # one of `SAM2_BACKENDS`
+                 config: str = "",           # sam2 package: Hydra config name ("" = from the checkpoint's file name)
+                 hydra_overrides: tuple = (),  # sam2 package: extra Hydra overrides (e.g. a smaller test model)
                 ):
-        self.backend = _sam2_backend()
-        if self.backend != "transformers":
-            raise ImportError("only transformers' Sam2VideoModel is wired up; upgrade transformers (pip install -U transformers)")
-        from transformers import Sam2VideoModel, Sam2VideoProcessor
+        self.backend = _sam2_backend(path, backend)
         path = Path(path).expanduser()
+        self.device, self.dtype = device, dtype
+        if self.backend == "sam2":
+            if not path.is_file(): raise FileNotFoundError(f"SAM 2 checkpoint {path} does not exist (the sam2 backend takes a .pt file)")
+            from sam2.build_sam import build_sam2_video_predictor
+            self.config = config or sam2_config_for(path)
+            self.predictor = build_sam2_video_predictor(self.config, ckpt_path=str(path), device=device, mode="eval",
+                                                        hydra_overrides_extra=list(hydra_overrides), apply_postprocessing=False)
+            return
+        from transformers import Sam2VideoModel, Sam2VideoProcessor
         if not path.is_dir(): raise FileNotFoundError(f"SAM 2 directory {path} does not exist")
         self.processor = Sam2VideoProcessor.from_pretrained(path, local_files_only=True)
         self.model = Sam2VideoModel.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval()
-        self.device, self.dtype = device, dtype
 
     @torch.inference_mode()
     def _one(self, frames, prompt, T, H, W):
-        out = torch.zeros(T, H, W, dtype=torch.bool)
         fr = int(prompt.get("frame", 0))
         if fr >= T: raise ValueError(f"prompt frame {fr} is beyond the clip's {T} frames")
+        return (self._one_sam2 if self.backend == "sam2" else self._one_transformers)(frames, prompt, fr, T, H, W)
+
+    def _one_transformers(self, frames, prompt, fr, T, H, W):
+        out = torch.zeros(T, H, W, dtype=torch.bool)
         sess = self.processor.init_video_session(video=frames, inference_device=self.device, dtype=self.dtype)
         kw = dict(input_boxes=[[list(map(float, prompt["box"]))]]) if "box" in prompt else dict(
             input_points=[[[list(map(float, q)) for q in prompt["points"]]]],
@@ -315,6 +349,25 @@ class Sam2MaskProvider(MaskProvider):
             for mo in self.model.propagate_in_video_iterator(sess, start_frame_idx=fr, reverse=reverse):
                 m = self.processor.post_process_masks([mo.pred_masks], original_sizes=[[H, W]], binarize=True)[0]
                 out[mo.frame_idx] = m[0, 0].cpu()
+        return out
+
+    def _one_sam2(self, frames, prompt, fr, T, H, W):
+        import contextlib, tempfile
+        from PIL import Image
+        out = torch.zeros(T, H, W, dtype=torch.bool)
+        kw = dict(box=np.asarray(prompt["box"], np.float32)) if "box" in prompt else dict(
+            points=np.asarray(prompt["points"], np.float32),
+            labels=np.asarray(prompt.get("labels", [1] * len(prompt["points"])), np.int32))
+        amp = (torch.autocast(torch.device(self.device).type, dtype=self.dtype) if self.dtype != torch.float32
+               else contextlib.nullcontext())
+        with tempfile.TemporaryDirectory() as d, amp:
+            for t in range(T): Image.fromarray(frames[t]).save(Path(d) / f"{t:05d}.jpg", quality=95)
+            state = self.predictor.init_state(video_path=d)
+            self.predictor.add_new_points_or_box(state, frame_idx=fr, obj_id=1, **kw)
+            for reverse in (False, True):
+                if reverse and fr == 0: break
+                for t, _, logits in self.predictor.propagate_in_video(state, start_frame_idx=fr, reverse=reverse):
+                    out[t] = (logits[0, 0] > 0).cpu()                          # H, W at the clip's size
         return out
 
     def masks(self, video, entities, record):
@@ -356,6 +409,32 @@ def make_tiny_sam2_dir(
     root = Path(path)
     model.save_pretrained(root); proc.save_pretrained(root)
     return root
+
+# %% ../nbs/masks.ipynb #ec032181
+def tiny_sam2_overrides(
+    image_size: int = 128,  # input side (multiple of 32)
+) -> list[str]:             # Hydra overrides of the sam2 package's `sam2.1_hiera_t` config
+    "TEST ONLY: shrink the sam2 package's Hiera-T video model (6 M parameters at 128 px) so that it runs on a CPU in seconds."
+    return [f"++model.image_size={int(image_size)}", "++model.image_encoder.trunk.embed_dim=16",
+            "++model.image_encoder.trunk.stages=[1,1,2,1]", "++model.image_encoder.trunk.global_att_blocks=[3]",
+            "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]", "++model.memory_attention.num_layers=1",
+            "++model.memory_attention.layer.dim_feedforward=64", "++model.memory_encoder.fuser.num_layers=1"]
+
+def make_tiny_sam2_checkpoint(
+    path,                  # the `.pt` file to write
+    image_size: int = 128, # input side (multiple of 32)
+    seed: int = 0,         # init seed
+) -> tuple:                # (path, config name, Hydra overrides) to give `Sam2MaskProvider`
+    "TEST ONLY: a tiny random sam2-package checkpoint, built from the package's own config (`{'model': state_dict}`, its format)."
+    from sam2.build_sam import build_sam2
+    config, over = "configs/sam2.1/sam2.1_hiera_t.yaml", tiny_sam2_overrides(image_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_sam2(config, ckpt_path=None, device="cpu", mode="eval", hydra_overrides_extra=over, apply_postprocessing=False)
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict()}, tmp); tmp.replace(path)
+    return path, config, over
 
 # %% ../nbs/masks.ipynb #cdc28283
 MASK_PROVIDERS = ("toy", "sam3", "sam2")

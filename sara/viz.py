@@ -22,10 +22,10 @@ from .routing import ROUTING_OPS, budget_shares, check_op, route
 from .trd import trd_compute_dtype
 
 # %% auto #0
-__all__ = ['MERGED', 'DIM_SCALE', 'SALIENCY_SOURCES', 'PLOTLYJS', 'to_uint8_frames', 'token_time', 'token_index', 'token_coords',
-           'saliency_maps', 'saliency_figure', 'SaliencyExplorer', 'relation_rows', 'budget_by_op',
-           'check_routing_inputs', 'routing_figure', 'RoutingExplorer', 'clip_frames', 'cache_clip', 'from_cache',
-           'run_cache', 'run_tokens', 'from_run', 'FigureHTML', 'show', 'run_story', 'demo_inputs']
+__all__ = ['MERGED', 'PLOTLYJS', 'DIM_SCALE', 'SALIENCY_SOURCES', 'to_uint8_frames', 'token_time', 'token_index', 'token_coords',
+           'saliency_maps', 'FigureHTML', 'show', 'saliency_figure', 'SaliencyExplorer', 'relation_rows',
+           'budget_by_op', 'check_routing_inputs', 'routing_figure', 'RoutingExplorer', 'clip_frames', 'cache_clip',
+           'from_cache', 'run_cache', 'run_tokens', 'from_run', 'run_story', 'demo_inputs']
 
 # %% ../nbs/viz.ipynb #41780623
 def to_uint8_frames(
@@ -95,6 +95,47 @@ def saliency_maps(
     out = {e: s[k] for k, e in enumerate(entities)}
     out[MERGED] = m
     return out
+
+# %% ../nbs/viz.ipynb #117c7c72
+PLOTLYJS = ("cdn", "inline")  # where `show`'s HTML takes plotly.js from
+
+class FigureHTML:
+    "A plotly figure that displays as plotly JSON (JupyterLab) and as self-contained HTML (HTML exports, documentation)."
+    _inlined = False  # plotly.js embedded once per process with plotlyjs="inline"
+
+    def __init__(self,
+                 fig: go.Figure,                 # the figure
+                 plotlyjs: str | None = None,    # "cdn" or "inline" (None: `SARA_PLOTLYJS`, default "cdn")
+                ):
+        self.fig = fig
+        self.plotlyjs = plotlyjs or os.environ.get("SARA_PLOTLYJS", "cdn")
+        if self.plotlyjs not in PLOTLYJS: raise ValueError(f"plotlyjs must be one of {PLOTLYJS}, got {self.plotlyjs!r}")
+
+    def html(self) -> str:  # a <div> with the figure and the script that draws it
+        "The figure as an HTML fragment; the div id is derived from the figure, so re-running gives the same output."
+        js = "cdn" if self.plotlyjs == "cdn" else not FigureHTML._inlined
+        if self.plotlyjs == "inline": FigureHTML._inlined = True
+        spec = self.fig.to_json()
+        div = "sara-fig-" + uuid.uuid5(uuid.NAMESPACE_OID, spec).hex[:12]
+        return self.fig.to_html(full_html=False, include_plotlyjs=js, div_id=div)
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        return {"application/vnd.plotly.v1+json": json.loads(self.fig.to_json()), "text/html": self.html(),
+                "text/plain": f"<plotly figure: {self.fig.layout.title.text or 'untitled'}>"}
+
+def _widget_bundle(widget, fig: go.Figure) -> dict:  # the widget's mime bundle plus a static `text/html` of `fig`
+    "An explorer's display: JupyterLab draws the live widget (its view mime type ranks first); an HTML export, which cannot run the widget, shows the figure."
+    b = dict(widget._repr_mimebundle_() or {})
+    b["text/html"] = FigureHTML(fig).html()
+    return b
+
+def show(
+    fig: go.Figure,               # a plotly figure
+    plotlyjs: str | None = None,  # "cdn" or "inline" (None: `SARA_PLOTLYJS`, default "cdn")
+) -> FigureHTML:                  # displays itself as the last expression of a cell
+    "Wrap a figure so that it displays in JupyterLab and survives `jupyter nbconvert --to html`."
+    return FigureHTML(fig, plotlyjs)
+
 
 # %% ../nbs/viz.ipynb #f9dc9dd0
 DIM_SCALE = [[0.0, "rgba(0, 0, 0, 1)"], [1.0, "rgba(0, 0, 0, 0)"]]  # the overlay: black where w = 0, clear where w = 1
@@ -202,9 +243,9 @@ class SaliencyExplorer:
         "Redraw the live figure for the current entity, frame and opacity."
         _sync(self.fig, self.figure())
 
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        "The live widget for JupyterLab, and the current figure as HTML for exports and the documentation."
+        return _widget_bundle(self.widget, self.figure())
 
 # %% ../nbs/viz.ipynb #20d6b80a
 def relation_rows(
@@ -378,9 +419,9 @@ class RoutingExplorer:
         _sync(self.fig, self.figure())
         self._info()
 
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        "The live widget for JupyterLab, and the current figure as HTML for exports and the documentation."
+        return _widget_bundle(self.widget, self.figure())
 
 # %% ../nbs/viz.ipynb #06f05032
 SALIENCY_SOURCES = ("auto", "masks", "aligner")  # `from_cache`: auto = the aligner layer when present, else the masks
@@ -515,40 +556,6 @@ def from_run(
     title = f"run {r['run']} ({r['method']}, step {r['step']}) · clip {r['id']} · timestep {r['timestep']:.0f}"
     return RoutingExplorer(r["p"], r["y"], r["w"], r["grid"], r["frames"], op=r["op"], margin=r["margin"],
                            opacity=opacity, source=r["source"], title=title)
-
-# %% ../nbs/viz.ipynb #2fdebea2
-PLOTLYJS = ("cdn", "inline")  # where `show`'s HTML takes plotly.js from
-
-class FigureHTML:
-    "A plotly figure that displays as plotly JSON (JupyterLab) and as self-contained HTML (HTML exports, documentation)."
-    _inlined = False  # plotly.js embedded once per process with plotlyjs="inline"
-
-    def __init__(self,
-                 fig: go.Figure,                 # the figure
-                 plotlyjs: str | None = None,    # "cdn" or "inline" (None: `SARA_PLOTLYJS`, default "cdn")
-                ):
-        self.fig = fig
-        self.plotlyjs = plotlyjs or os.environ.get("SARA_PLOTLYJS", "cdn")
-        if self.plotlyjs not in PLOTLYJS: raise ValueError(f"plotlyjs must be one of {PLOTLYJS}, got {self.plotlyjs!r}")
-
-    def html(self) -> str:  # a <div> with the figure and the script that draws it
-        "The figure as an HTML fragment; the div id is derived from the figure, so re-running gives the same output."
-        js = "cdn" if self.plotlyjs == "cdn" else not FigureHTML._inlined
-        if self.plotlyjs == "inline": FigureHTML._inlined = True
-        spec = self.fig.to_json()
-        div = "sara-fig-" + uuid.uuid5(uuid.NAMESPACE_OID, spec).hex[:12]
-        return self.fig.to_html(full_html=False, include_plotlyjs=js, div_id=div)
-
-    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
-        return {"application/vnd.plotly.v1+json": json.loads(self.fig.to_json()), "text/html": self.html(),
-                "text/plain": f"<plotly figure: {self.fig.layout.title.text or 'untitled'}>"}
-
-def show(
-    fig: go.Figure,               # a plotly figure
-    plotlyjs: str | None = None,  # "cdn" or "inline" (None: `SARA_PLOTLYJS`, default "cdn")
-) -> FigureHTML:                  # displays itself as the last expression of a cell
-    "Wrap a figure so that it displays in JupyterLab and survives `jupyter nbconvert --to html`."
-    return FigureHTML(fig, plotlyjs)
 
 # %% ../nbs/viz.ipynb #98b380d2
 def run_story(
