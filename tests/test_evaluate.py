@@ -224,3 +224,18 @@ def test_vbench_rejects_the_old_naming(tmp_path):
     with pytest.raises(AssertionError, match="not supported for custom input"):
         vb.build_full_info_json(str(tmp_path / "old"), "color", ["color", "object_class"], mode="custom_input")
     assert vu.get_prompt_from_filename("color-000_s0.mp4") == "color-000_s0"   # the prompt VBench would have scored
+
+
+def test_paired_statistics_use_the_pairing():
+    "A small shift hidden under large prompt-to-prompt spread: the paired interval excludes 0, unpaired intervals overlap."
+    import numpy as np
+    from sara.evaluate import bootstrap_ci, paired_bootstrap
+    rng = np.random.default_rng(1)
+    base = rng.normal(3, 1.0, 30)                                          # prompt difficulty, shared by both methods
+    a = {k: base[k] + 0.3 + rng.normal(0, 0.05) for k in range(30)}
+    b = {k: base[k] for k in range(30)}
+    pr = paired_bootstrap(a, b, n_boot=2000)
+    assert pr["n"] == 30 and 0 < pr["lo"] < 0.3 < pr["hi"] < 0.6 and pr["p"] < 0.001
+    _, alo, ahi = bootstrap_ci(list(a.values()), 2000); _, blo, bhi = bootstrap_ci(list(b.values()), 2000)
+    assert alo < bhi                                                       # unpaired: the intervals overlap
+    assert paired_bootstrap({**a, "only_a": 9.0}, b)["n"] == 30                # unmatched keys are dropped
