@@ -4,7 +4,8 @@ Implementations: `naive` (the dense formula in the input dtype, as in the issue'
 bf16: its similarities are bf16), `reference` (`sara.trd.trd_reference`: dense, computed in float32 for bf16
 inputs), `compile` (`torch.compile` of `naive`), `chunked` (`sara.trd.trd_chunked`), `dense`
 (`sara.trd.trd_dense`: the dense formula with float32-output GEMMs, saved difference) and `triton`
-(`sara.trd_triton.trd_triton`). After the cells it prints, per size, the exact implementations' times, the
+(`sara.trd_triton.trd_triton`); the exact ones through `sara.trd.trd_loss(..., impl=name, check_finite=False)`,
+the call of the training step (validation once, no finite check: the step checks the loss). After the cells it prints, per size, the exact implementations' times, the
 one `impl="auto"` picks (`sara.trd.trd_auto_choice` with the free memory measured at that cell) and its time
 over the best exact one and over `naive`; `--json` keeps the measurements and `--replay` prints that table
 again from them with the rule as it is now. For each cell: median time of forward+backward (CUDA events),
@@ -45,18 +46,9 @@ def naive_trd(p, y, w, op="or", margin=0.1):
 def get_impl(name):
     if name == "naive": return naive_trd
     if name == "compile": return torch.compile(naive_trd, dynamic=True)
-    if name == "reference":
-        from sara.trd import trd_reference
-        return trd_reference
-    if name == "chunked":
-        from sara.trd import trd_chunked
-        return trd_chunked
-    if name == "dense":
-        from sara.trd import trd_dense
-        return trd_dense
-    if name == "triton":
-        from sara.trd_triton import trd_triton
-        return trd_triton
+    if name in EXACT:  # as the training step calls it (sara.train: trd_loss(..., impl=cfg.trd_impl, check_finite=False))
+        from sara.trd import trd_loss
+        return lambda p, y, w, op, margin: trd_loss(p, y, w, op, margin, impl=name, check_finite=False)
     raise ValueError(f"unknown impl {name!r}; allowed: {', '.join(IMPLS)}")
 
 

@@ -280,60 +280,62 @@ def _mm(a, b, cdt):
 
 
 # %% ../nbs/trd.ipynb #d46a788a
-def _row_weights(w, op):
-    """(α, β), each B, N, with W(w_i, w_j) = α_i + β_i w_j: every routing operator is affine in its second argument,
-    so Σ_j W_ij h_ij = α_i Σ_j h_ij + β_i Σ_j w_j h_ij needs two row sums, not a (B, N, N) weight matrix."""
+def _dense_weights(w, op, cdt):
+    """(wt, z): wt (B, N, 4) the columns [1, w, α, β] in `cdt`, with W(w_i, w_j) = α_i + β_i w_j (every routing
+    operator is affine in its second argument, so Σ_j W_ij h_ij = α_i Σ_j h_ij + β_i Σ_j w_j h_ij needs two row sums,
+    never a (B, N, N) weight matrix), and z = Σ_ij W_ij = Σ_i (α_i N + β_i Σ_j w_j), 0-dim, formed in float64."""
+    w = w.to(torch.float64)
     a = route(w, torch.zeros_like(w), op, check=False)
-    return a, route(w, torch.ones_like(w), op, check=False) - a
+    b = route(w, torch.ones_like(w), op, check=False) - a
+    z = a.sum() * w.shape[1] + (b.sum(1) * w.sum(1)).sum()
+    return torch.stack([torch.ones_like(w), w, a, b], -1).to(cdt), z.to(cdt)
 
 
 class _TRDDense(torch.autograd.Function):
     "TRD from the dense (B, N, N) S_p - S_y of the raw tokens, formed once and saved for the backward."
 
     @staticmethod
-    def forward(ctx, p, y, w, z, op, margin, block):
-        # p: B, N, Dp; y: B, N, Dy raw tokens; w: B, N or None and z (0-dim total weight) in the computation dtype
+    def forward(ctx, p, y, wt, z, op, margin, block):
+        # p: B, N, Dp; y: B, N, Dy raw tokens; in the computation dtype: wt (B, N, 4) the columns [1, w, α, β] of
+        # `_dense_weights` (None for uniform), z the 0-dim total weight
         cdt, N = z.dtype, p.shape[1]
         with trd_exact_math(p.device):
             ip, iy = _inv_norm(p, cdt), _inv_norm(y, cdt)                            # B, N
             diff = _mm(p, p.mT, cdt).mul_(ip[:, :, None]).mul_(ip[:, None, :])      # B, N, N  S_p
             diff.sub_(_mm(y, y.mT, cdt).mul_(iy[:, :, None]).mul_(iy[:, None, :]))  # B, N, N  S_p - S_y
-            ab = None if w is None else _row_weights(w, op)
-            w1 = None if w is None else torch.stack([torch.ones_like(w), w], -1)    # B, N, 2
             acc = torch.zeros((), dtype=torch.float64, device=p.device)
             for r0 in range(0, N, block):
                 h = F.softshrink(diff[:, r0:r0 + block], margin).abs_()  # B, r, N  relu(|d| - margin)
-                if w is None: acc += h.sum().to(torch.float64); continue
-                s = torch.bmm(h, w1)                                      # B, r, 2  Σ_j h_ij, Σ_j w_j h_ij
-                acc += (ab[0][:, r0:r0 + block] * s[..., 0] + ab[1][:, r0:r0 + block] * s[..., 1]).sum().to(torch.float64)
-        ctx.save_for_backward(p, y, ip, iy, w, z, diff)
+                if wt is None: acc += h.sum().to(torch.float64); continue
+                s = torch.bmm(h, wt[..., :2])                             # B, r, 2  Σ_j h_ij, Σ_j w_j h_ij
+                acc += (s * wt[:, r0:r0 + block, 2:]).sum().to(torch.float64)  # Σ_i α_i Σ_j h_ij + β_i Σ_j w_j h_ij
+        ctx.save_for_backward(p, y, ip, iy, wt, z, diff)
         ctx.op, ctx.margin, ctx.block = op, margin, block
         return (acc / torch.where(z > 0, z, torch.ones_like(z)).to(torch.float64)).to(cdt)
 
     @staticmethod
     def backward(ctx, g):
-        p, y, ip, iy, w, z, diff = ctx.saved_tensors
+        p, y, ip, iy, wt, z, diff = ctx.saved_tensors
         tg = [t for t, need in (((p, ip, 1.0), ctx.needs_input_grad[0]), ((y, iy, -1.0), ctx.needs_input_grad[1])) if need]
         out = []
         with trd_exact_math(p.device):
             cdt, N = diff.dtype, diff.shape[1]
             scale = 2 * g.to(cdt) / torch.where(z > 0, z, torch.ones_like(z))  # z == 0 means G == 0
-            ab = None if w is None else _row_weights(w, ctx.op)
             # dL/dx̂_i = 2 scale Σ_j W_ij s_ij x̂_j with s = sign(d) 1[|d| > margin] in {-1, 0, 1} (exact in bf16):
             # one GEMM of s against [x̂, w ⊙ x̂], then α_i, β_i per row
             xs = []
             for x, inv, _ in tg:
                 xh = x.to(cdt) * inv[:, :, None]                                    # B, N, D
-                xs.append((xh if w is None else torch.cat([xh, xh * w[:, :, None]], -1)).to(_gemm_dtype(x, cdt)))
+                xs.append((xh if wt is None else torch.cat([xh, xh * wt[..., 1:2]], -1)).to(_gemm_dtype(x, cdt)))
             accs = [torch.empty(x.shape, dtype=cdt, device=x.device) for x, _, _ in tg]  # B, N, D
             for r0 in range(0, N, ctx.block):
                 r1 = min(N, r0 + ctx.block)
-                s = F.softshrink(diff[:, r0:r1], ctx.margin).sign_()  # B, r, N
+                s = torch.sign(F.softshrink(diff[:, r0:r1], ctx.margin))  # B, r, N
                 for (x, _, _), acc, X in zip(tg, accs, xs):
                     v = _mm(s.to(X.dtype), X, cdt)                          # B, r, D (or 2 D)
-                    if w is None: acc[:, r0:r1] = v; continue
+                    if wt is None: acc[:, r0:r1] = v; continue
                     D = x.shape[2]
-                    acc[:, r0:r1] = v[..., :D] * ab[0][:, r0:r1, None] + v[..., D:] * ab[1][:, r0:r1, None]
+                    torch.addcmul(v[..., :D] * wt[:, r0:r1, 2:3], v[..., D:], wt[:, r0:r1, 3:4], out=acc[:, r0:r1])
             del xs
             for (x, inv, sgn), acc in zip(tg, accs):
                 out.append(_normalize_grad(acc.mul_(inv[:, :, None]).mul_(scale), x, inv, sgn))
@@ -377,8 +379,9 @@ def _trd_dense(p, y, w, op, margin, block=None):  # `trd_dense` on arguments `ch
     cdt = trd_compute_dtype(p, y)
     block = _rows_arg(block, B, N, cdt, _DENSE_BLOCK_BYTES)
     with trd_exact_math(p.device):
-        z = _total_weight(w, op, B, N, cdt, p.device)
-        return _TRDDense.apply(p, y, None if w is None else w.to(cdt), z, op, float(margin), block)
+        wt, z = (None, torch.tensor(float(B * N * N), dtype=cdt, device=p.device)) if w is None else _dense_weights(w, op, cdt)
+        return _TRDDense.apply(p, y, wt, z, op, float(margin), block)
+
 
 
 
@@ -411,11 +414,14 @@ for _name, _fn in (("reference", _trd_reference), ("chunked", _trd_chunked), ("d
 
 
 # %% ../nbs/trd.ipynb #78b732ed
-# Measured on one H200 (bench/README.md, "auto" of 2026-11-30; D = 1024, op "or", p requires grad): for half inputs the
-# dense formula is the fastest exact implementation up to these N, the fused kernel above them. Keys are the batch sizes
-# measured; another B takes the entry of the largest measured B <= B.
-_DENSE_MAX_N_HALF = {1: 8192, 4: 4096}
-_DENSE_MEMORY_SHARE = 0.8  # the dense formula may take at most this share of the memory free at the call
+# Measured on one H200 (bench/README.md, "impl=auto" of 2026-11-30; D = 1024, op "or", p requires grad, B 1 and 4,
+# N 1,024 .. 32,768): the fastest exact implementation goes by the pair count P = B N^2. Up to a few million pairs a
+# step is bound by kernel launches and the plain-autograd reference (fewest kernels) wins; for half inputs the saved
+# dense difference wins next, the fused kernel above; for float32 the dense formula (full-float32 cuBLAS) from there on.
+_REFERENCE_MAX_PAIRS = {"half": 2**22, "float": 2**24}  # P = B N^2 up to which "reference" is the fastest
+_DENSE_MAX_PAIRS_HALF = 2**24  # half inputs: "dense" up to here, the fused kernel above
+_REFERENCE_PAIR_BUFFERS = 8    # the reference's peak, in (B, N, N) buffers of the computation dtype (measured 7.1 .. 7.4)
+_DENSE_MEMORY_SHARE = 0.8      # a dense implementation may take at most this share of the memory free at the call
 
 
 def trd_free_bytes(
@@ -438,23 +444,27 @@ def trd_auto_choice(
     N: int,                  # tokens
     dtype: torch.dtype,      # dtype the products see: bf16/fp16 when p and y share it, else `trd_compute_dtype`
     device_type: str,        # "cuda", "cpu", ...
-    free_bytes: int | None,  # memory the loss may take (`trd_free_bytes`); None: unknown, never the dense formula
+    free_bytes: int | None,  # memory the loss may take (`trd_free_bytes`); None: unknown, never a dense implementation
     triton: bool = True,     # whether the fused Triton kernel can run here
-    D: int = 0,              # Dp + Dy (enters the dense formula's memory estimate)
+    D: int = 0,              # Dp + Dy (enters the dense implementations' memory estimate)
 ) -> str:                    # a concrete implementation from `TRD_IMPLS`
-    """The rule behind `impl="auto"`: the fastest exact implementation at the measured crossover (bench/README.md).
-    Off CUDA "chunked" (no N^2 memory). On CUDA the dense formula is a candidate only where it fits
-    (`trd_dense_bytes(B, N, dtype, D)` <= 80 % of `free_bytes`); then float32/float64 inputs take "dense" (full-float32
-    cuBLAS) and half inputs take it up to the crossover N (`_DENSE_MAX_N_HALF`, per batch size). Otherwise half and
-    float32 inputs take "triton" where it runs, and everything else "chunked". D enters the memory estimate only:
-    both sides' products scale with D alike (the crossover was measured at D = 1024)."""
+    """The rule behind `impl="auto"`: the fastest exact implementation by the measured crossovers (bench/README.md),
+    as a function of the pair count P = B N^2. Off CUDA: "chunked" (no N^2 memory). On CUDA a dense implementation is a
+    candidate only where it fits in 80 % of `free_bytes` ("reference": 8 (B, N, N) buffers; "dense":
+    `trd_dense_bytes(B, N, dtype, D)`). Then "reference" up to P = 2^22 (half inputs) or 2^24 (float32/float64);
+    half inputs take "dense" up to P = 2^24 and "triton" above; float32/float64 take "dense". Where nothing dense
+    fits: "triton" for half and float32 inputs where it runs, else "chunked". D enters the memory estimates only:
+    both sides' products scale with D alike (the crossovers were measured at D = 1024)."""
     if device_type != "cuda": return "chunked"
     half = dtype in _HALF
     cdt = torch.float32 if half else dtype
-    fits = free_bytes is not None and trd_dense_bytes(B, N, cdt, D) <= _DENSE_MEMORY_SHARE * free_bytes
+    P, es = B * N * N, torch.empty((), dtype=cdt).element_size()
+    budget = -1 if free_bytes is None else _DENSE_MEMORY_SHARE * free_bytes
+    if P <= _REFERENCE_MAX_PAIRS["half" if half else "float"] and _REFERENCE_PAIR_BUFFERS * P * es <= budget:
+        return "reference"
+    fits = trd_dense_bytes(B, N, cdt, D) <= budget
     if half:
-        n_max = _DENSE_MAX_N_HALF[max([b for b in _DENSE_MAX_N_HALF if b <= B] or [min(_DENSE_MAX_N_HALF)])]
-        if fits and N <= n_max: return "dense"
+        if fits and P <= _DENSE_MAX_PAIRS_HALF: return "dense"
         if triton: return "triton"
         return "dense" if fits else "chunked"
     if fits: return "dense"
@@ -469,6 +479,7 @@ def trd_auto_impl(
     dt = p.dtype if y is None or y.dtype == p.dtype else trd_compute_dtype(p, y)
     D = p.shape[2] + (p.shape[2] if y is None else y.shape[2])
     return trd_auto_choice(p.shape[0], p.shape[1], dt, p.device.type, trd_free_bytes(p.device), _triton_ready(), D)
+
 
 
 

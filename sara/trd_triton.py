@@ -291,7 +291,7 @@ class FusedTRD(torch.autograd.Function):
             loss = part.sum(dtype=torch.float64) * inv_z  # deterministic: fixed-order reduction of partials
             # the kernel's hinge maps NaN to 0, so a NaN/Inf token would give a finite, wrong loss: a row's float32 norm
             # is finite exactly when the row is, so non-finite inputs give NaN here, with no sync and O(B N) reads
-            finite = torch.isfinite(inv_p).all() & torch.isfinite(inv_y).all() & (inv_p > 0).all() & (inv_y > 0).all()
+            finite = torch.minimum(inv_p.amin(), inv_y.amin()) > 0  # amin and minimum propagate NaN; a 0 is an Inf norm
             loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
             ctx.save_for_backward(p, y, inv_p, inv_y, wk, inv_z)
             ctx.cfg = (op, float(margin), block_m, block_d, stripe_rows, sw_b)
@@ -351,6 +351,7 @@ class FusedTRD(torch.autograd.Function):
         dp = out.pop(0) if need_p else None
         dy = out.pop(0) if need_y else None
         return dp, dy, None, None, None, None, None, None
+
 
 
 # %% ../nbs/trd_triton.ipynb #2d14cee3

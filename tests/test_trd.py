@@ -241,11 +241,15 @@ GiB = 2**30
 
 
 def test_auto_rule_measured_crossover():
-    bf = torch.bfloat16
-    assert trd_auto_choice(1, 8192, bf, "cuda", 100 * GiB) == "dense"  # issue 12: 2.7 ms dense vs 4.5 ms fused
-    assert trd_auto_choice(4, 32768, bf, "cuda", 100 * GiB) == "triton"
-    assert trd_auto_choice(1, 8192, torch.float32, "cuda", 100 * GiB) == "dense"  # never the IEEE-float32 kernel where dense fits
-    assert trd_auto_choice(1, 8192, torch.float64, "cuda", 100 * GiB) == "dense"
+    # the fastest exact implementation in the H200 table of bench/README.md (2026-11-30), by pair count B N^2
+    bf, f32 = torch.bfloat16, torch.float32
+    want = {(bf, 1, 1024): "reference", (bf, 4, 1024): "reference", (bf, 1, 2048): "reference",
+            (bf, 4, 2048): "dense", (bf, 1, 4096): "dense", (bf, 4, 4096): "triton", (bf, 1, 8192): "triton",
+            (bf, 4, 32768): "triton", (f32, 1, 1024): "reference", (f32, 4, 2048): "reference",
+            (f32, 1, 4096): "reference", (f32, 4, 4096): "dense", (f32, 4, 32768): "dense"}
+    for (dt, B, N), impl in want.items():
+        assert trd_auto_choice(B, N, dt, "cuda", 130 * GiB, D=2048) == impl, (dt, B, N)
+    assert trd_auto_choice(1, 8192, torch.float64, "cuda", 100 * GiB) == "dense"  # never the IEEE-float32 kernel where dense fits
     for dt in (bf, torch.float16, torch.float32, torch.float64):
         assert trd_auto_choice(1, 4096, dt, "cpu", 100 * GiB) == "chunked"
 
@@ -256,14 +260,16 @@ def test_auto_rule_measured_crossover():
 def test_auto_never_dense_where_it_does_not_fit(dtype, B, N):
     cdt = torch.float32 if dtype == torch.bfloat16 else dtype
     need = trd_dense_bytes(B, N, cdt)
-    for free in (None, need // 2, int(need * 1.1), need * 2):
+    need_ref = 8 * B * N * N * cdt.itemsize  # the reference's eight (B, N, N) buffers
+    for free in (None, need // 2, int(need * 1.1), need * 2, need_ref // 2, need_ref * 2):
         pick = trd_auto_choice(B, N, dtype, "cuda", free, triton=True)
         fits = free is not None and need <= 0.8 * free
         assert pick in TRD_IMPLS[1:]
-        if not fits: assert pick != "dense" and pick != "reference", (B, N, dtype, free, pick)
-        if fits and dtype != torch.bfloat16: assert pick == "dense"
-        if dtype == torch.float64: assert pick in ("dense", "chunked")
-        if not fits and dtype != torch.float64:
+        if pick == "reference": assert free is not None and need_ref <= 0.8 * free, (B, N, dtype, free)
+        if not fits: assert pick != "dense", (B, N, dtype, free, pick)
+        if fits and dtype != torch.bfloat16: assert pick in ("dense", "reference")
+        if dtype == torch.float64: assert pick in ("dense", "reference", "chunked")
+        if not fits and dtype != torch.float64 and pick != "reference":
             assert pick == "triton"
             assert trd_auto_choice(B, N, dtype, "cuda", free, triton=False) == "chunked"
 
@@ -311,7 +317,7 @@ class TestGPU:
                 loss, gp, ref, gref = _autocast_case("cuda", impl, op, in_dtype, inside)
                 assert loss.dtype == torch.float32 and ref > 0.01
                 assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item(), (impl, op, loss.item(), ref.item())
-                assert _rel(gp, gref) < (1e-4 if in_dtype == torch.float32 else 5e-3), (impl, op, _rel(gp, gref))
+                assert _rel(gp, gref) < (1e-3 if in_dtype == torch.float32 else 5e-3), (impl, op, _rel(gp, gref))
 
     @pytest.mark.parametrize("N", [64, 300, 2049])
     @pytest.mark.parametrize("impl", ("chunked", "dense", "triton"))
@@ -333,7 +339,8 @@ class TestGPU:
         ref = trd_reference(p64, y64, w.double(), "or", 0.1)
         ref.backward()
         assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item(), (loss.item(), ref.item())
-        assert _rel(p.grad, p64.grad) < 1e-4 and _rel(y.grad, y64.grad) < 1e-4, (_rel(p.grad, p64.grad), _rel(y.grad, y64.grad))
+        # gradients: float32 flips the hinge of pairs within ~1e-6 of the margin (2e-4 at N = 1000 on the CPU too)
+        assert _rel(p.grad, p64.grad) < 1e-3 and _rel(y.grad, y64.grad) < 1e-3, (_rel(p.grad, p64.grad), _rel(y.grad, y64.grad))
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
     def test_dense_memory_within_estimate(self, dtype):
@@ -351,10 +358,11 @@ class TestGPU:
         need = trd_dense_bytes(B, N, torch.float32, 2 * D)
         assert extra <= need, (extra / 2**20, need / 2**20)
 
-    def test_auto_picks_dense_where_measured_faster(self):
-        p = torch.randn(1, 8192, 64, device="cuda", dtype=torch.bfloat16)
-        assert trd_auto_impl(p) == "dense"  # an H200 has the 1.5 GiB free
-        assert trd_auto_impl(torch.randn(4, 32768, 8, device="cuda", dtype=torch.bfloat16)) == "triton"
+    def test_auto_picks_by_measured_crossover(self):
+        mk = lambda B, N: torch.randn(B, N, 64, device="cuda", dtype=torch.bfloat16)
+        assert trd_auto_impl(mk(1, 1024)) == "reference"
+        assert trd_auto_impl(mk(1, 4096)) == "dense"  # a GPU with 1 GiB free
+        assert trd_auto_impl(mk(4, 32768)) == "triton"
 
 
 # ---------------------------------------------------------------- memory, in a fresh process

@@ -257,7 +257,8 @@ class TestGPU:
         ref = trd_reference(p64, y64, w.double(), op, margin)
         ref.backward()
         # float32: IEEE products, float32 accuracy (TF32 gave 1e-3 on the loss, up to 4 % on the gradient at small N)
-        tl_, tg = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 5e-2)
+        # (gradients: float32 flips the hinge of pairs within ~1e-6 of the margin, 2e-4 at N = 1000 on the CPU too)
+        tl_, tg = (1e-5, 1e-3) if dtype == torch.float32 else (1e-2, 5e-2)
         assert abs(loss.item() - ref.item()) <= tl_ * ref.item(), (loss.item(), ref.item())
         assert rel(p.grad, p64.grad) < tg and rel(y.grad, y64.grad) < tg, (rel(p.grad, p64.grad), rel(y.grad, y64.grad))
 
