@@ -20,10 +20,11 @@ from .data import atomic_path, flow_path, save_flow, save_masks, write_video
 
 # %% auto #0
 __all__ = ['TOY_BACKGROUND', 'TOY_COLOURS', 'TOY_SHAPES', 'TOY_EXTENTS', 'TOY_AREA', 'TOY_RADIUS', 'TOY_SPEED', 'TOY_OCCLUSION',
-           'TOY_LAYERS', 'TOY_HELD_OUT', 'render_toy_clip', 'render_toy_clip_with_flow', 'make_toy_world',
-           'write_toy_flow', 'toy_name', 'parse_toy_name', 'toy_combos', 'toy_split', 'toy_event_caption',
-           'simulate_toy_scene', 'render_toy_scene', 'toy_clip', 'toy_scenes', 'toy_batch', 'toy_prompts',
-           'make_toy_dataset']
+           'TOY_LAYERS', 'TOY_HELD_OUT', 'TOY_TOL', 'TOY_ACCEL_TOL', 'TOY_CORRUPTIONS', 'render_toy_clip',
+           'render_toy_clip_with_flow', 'make_toy_world', 'write_toy_flow', 'toy_name', 'parse_toy_name', 'toy_combos',
+           'toy_split', 'toy_event_caption', 'simulate_toy_scene', 'render_toy_scene', 'toy_clip', 'toy_scenes',
+           'toy_batch', 'toy_prompts', 'make_toy_dataset', 'toy_colour_labels', 'toy_min_area', 'toy_observe',
+           'parse_toy_caption', 'score_toy_clip', 'score_toy_batch', 'corrupt_toy_clip', 'frechet_distance']
 
 # %% ../nbs/toy.ipynb #80c98b3f
 TOY_BACKGROUND = (16, 16, 24)
@@ -534,3 +535,316 @@ def make_toy_dataset(
                                  "masks": f"masks/{cid}.safetensors", "toy": sc}))
     with atomic_path(manifest, overwrite) as tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return manifest
+
+# %% ../nbs/toy.ipynb #dd84fd89
+TOY_TOL = 60.0        # a pixel takes its nearest palette colour when within this RGB distance
+TOY_ACCEL_TOL = 1.0   # centroid acceleration (px / frame^2) allowed on top of 15 % of the speed
+
+def _check_frames(frames, where: str = "frames") -> torch.Tensor:
+    "uint8 (T, 3, H, W) torch tensor from a tensor or array; a clear error otherwise."
+    if isinstance(frames, np.ndarray): frames = torch.from_numpy(frames)
+    if not isinstance(frames, torch.Tensor): raise TypeError(f"{where} must be a uint8 tensor (T, 3, H, W), got {type(frames).__name__}")
+    if frames.dtype != torch.uint8: raise ValueError(f"{where} must be uint8 (T, 3, H, W) in [0, 255], got dtype {frames.dtype}")
+    if frames.dim() != 4 or frames.shape[1] != 3 or frames.shape[0] < 3 or min(frames.shape[2:]) < 8:
+        raise ValueError(f"{where} must be (T, 3, H, W) with T >= 3 and H, W >= 8, got shape {tuple(frames.shape)}")
+    return frames.cpu()
+
+def toy_colour_labels(
+    frames: torch.Tensor, # uint8 (T, 3, H, W)
+    tol: float = TOY_TOL, # largest RGB distance to the nearest palette colour that still counts
+) -> torch.Tensor:        # long (T, H, W): -1 unlabelled, 0 background, 1 + k for the k-th colour of TOY_COLOURS
+    "Soft colour matching: each pixel takes its nearest palette colour (or the background) if within `tol`."
+    frames = _check_frames(frames)
+    pal = torch.tensor([TOY_BACKGROUND, *TOY_COLOURS.values()], dtype=torch.float32)  # 1 + C, 3
+    x = frames.permute(0, 2, 3, 1).float()                                             # T, H, W, 3
+    d = torch.cdist(x.reshape(-1, 3), pal).view(*x.shape[:3], -1)                      # T, H, W, 1 + C
+    dist, lab = d.min(-1)
+    return torch.where(dist <= tol, lab, torch.full_like(lab, -1))
+
+def _components(mask: torch.Tensor) -> torch.Tensor:
+    "4-connected components of a bool (N, H, W) stack: each pixel gets the largest linear index (+1) of its component (0 outside)."
+    N, H, W = mask.shape
+    flat_mask = mask.reshape(-1)
+    lab = torch.arange(1, N * H * W + 1, dtype=torch.int32).view(N, H, W) * mask
+    while True:
+        p = F.pad(lab, (1, 1, 1, 1))                             # spread the largest label to the 4 neighbours ...
+        new = torch.maximum(torch.maximum(torch.maximum(p[:, 1:-1, 1:-1], p[:, :-2, 1:-1]), torch.maximum(p[:, 2:, 1:-1], p[:, 1:-1, :-2])), p[:, 1:-1, 2:]) * mask
+        flat = new.view(-1)
+        for _ in range(2):                                       # ... then jump: take the label of the pixel one's label names
+            flat = torch.where(flat_mask, torch.maximum(flat, flat[(flat - 1).clamp(min=0).long()]), flat)
+        new = flat.view(N, H, W)
+        if torch.equal(new, lab): return lab
+        lab = new
+
+# %% ../nbs/toy.ipynb #c954506a
+_FILL = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}   # area / bounding-box area of each shape
+
+def toy_min_area(H: int, W: int) -> float: # pixels: a quarter of the smallest shape the study world draws
+    "Smallest component that counts as an entity in an (H, W) frame."
+    return max(4.0, 0.25 * min(TOY_AREA.values()) * (TOY_RADIUS[0] * min(H, W)) ** 2)
+
+def _classify(fill: float) -> str: return min(_FILL, key=lambda s: abs(_FILL[s] - fill))
+
+def _crops(planes: torch.Tensor, pad: int):
+    "Each bool (H, W) plane cut to its pixels' bounding box plus `pad`, stacked at a common size: (N, h, w) and the boxes."
+    rows, cols = planes.any(2), planes.any(1)                                         # N, H and N, W
+    H, W = planes.shape[1:]
+    y0 = (rows.float().argmax(1) - pad).clamp(min=0); y1 = (H - rows.flip(1).float().argmax(1) + pad).clamp(max=H)
+    x0 = (cols.float().argmax(1) - pad).clamp(min=0); x1 = (W - cols.flip(1).float().argmax(1) + pad).clamp(max=W)
+    h, w = int((y1 - y0).max()), int((x1 - x0).max())
+    out = torch.zeros(len(planes), h, w, dtype=torch.bool)
+    boxes = torch.stack([y0, y1, x0, x1], 1).tolist()
+    for n, (a, b, c, d) in enumerate(boxes): out[n, : b - a, : d - c] = planes[n, a:b, c:d]
+    return out, boxes
+
+def toy_observe(
+    frames: torch.Tensor,           # uint8 (T, 3, H, W)
+    tol: float = TOY_TOL,           # colour tolerance (see `toy_colour_labels`)
+    min_area: float | None = None,  # smallest detected component in pixels (default `toy_min_area`)
+) -> dict: # {'labels': (T, H, W), 'min_area', colour: {'area', 'detected', 'centroid' (T, 2) x, y, 'shape', 'touch', 'second'}}
+    "Per colour and frame: the largest component of that colour (area, centroid, shape, touching others) and the runner-up's area."
+    frames = _check_frames(frames)
+    T, _, H, W = frames.shape
+    lab = toy_colour_labels(frames, tol)
+    min_area = toy_min_area(H, W) if min_area is None else float(min_area)
+    names = list(TOY_COLOURS); C = len(names)
+    planes = torch.stack([lab == 1 + c for c in range(C)], 1).view(T * C, H, W)    # T*C, H, W
+    keep = torch.nonzero(planes.sum((1, 2)) >= min_area)[:, 0].tolist()            # planes that can hold an entity
+    out = {"labels": lab, "min_area": min_area}
+    for name in names:
+        out[name] = {"area": np.zeros(T), "detected": np.zeros(T, bool), "centroid": np.full((T, 2), np.nan),
+                     "shape": [None] * T, "touch": np.zeros(T, bool), "second": np.zeros(T)}
+    if not keep: return out
+    crops, boxes = _crops(planes[keep], pad=2)                                       # the work is on small crops
+    comp = _components(crops)
+    for n, (a, b, c0, d) in zip(keep, boxes):
+        t, c = divmod(n, C); o = out[names[c]]
+        cp = comp[keep.index(n)][: b - a, : d - c0]
+        ids, counts = cp[cp > 0].unique(return_counts=True)
+        order = counts.argsort(descending=True)
+        m = cp == ids[order[0]]
+        area = float(counts[order[0]]); o["area"][t] = area
+        if len(ids) > 1: o["second"][t] = float(counts[order[1]])
+        if area < min_area: continue
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        o["detected"][t] = True
+        o["centroid"][t] = float(xs.float().mean()) + c0 + 0.5, float(ys.float().mean()) + a + 0.5
+        box = float((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
+        o["shape"][t] = _classify(area / box)
+        near = F.max_pool2d(m[None, None].float(), 5, 1, 2)[0, 0] > 0                # within 2 px
+        other = lab[t, a:b, c0:d]
+        o["touch"][t] = bool((near & (other >= 1) & (other != 1 + c)).sum() >= 2)
+    return out
+
+# %% ../nbs/toy.ipynb #1c7941f9
+_CLAIM = re.compile(r"(?:a|an|the) (\w+ \w+) (collides with|passes in front of) (?:a|an|the) (\w+ \w+)")
+
+def parse_toy_caption(
+    caption: str,       # a caption in the grammar of `toy_event_caption`
+    names: list[str],   # the entity names it may mention
+) -> list[tuple[str, int, int]]: # claimed events: ('collide', i, j) or ('occlude', front, back), entity indices
+    "The collisions and occlusions a toy caption claims; an error if it names an entity that is not in `names`."
+    out = []
+    for a, verb, b in _CLAIM.findall(caption.lower()):
+        for n in (a, b):
+            if n not in names: raise ValueError(f"caption {caption!r} names {n!r}, which is not among the entities {names}")
+        out.append(("collide" if verb == "collides with" else "occlude", names.index(a), names.index(b)))
+    return out
+
+def _entity_list(entities) -> list[tuple[str, str]]:
+    "(colour, shape) per entity from names or entity dicts, checked: palette colours, known shapes, distinct colours."
+    if isinstance(entities, str) or not len(entities): raise ValueError(f"entities must be a non-empty list of names, got {entities!r}")
+    out = [parse_toy_name(e["name"] if isinstance(e, dict) else e, where=f"entities[{k}]") for k, e in enumerate(entities)]
+    cols = [c for c, _ in out]
+    if len(set(cols)) != len(cols): raise ValueError(f"entities must have distinct colours (colour identifies the entity), got {entities!r}")
+    return out
+
+# %% ../nbs/toy.ipynb #67484162
+def _entity_track(o: dict, T: int) -> dict:
+    "Reference area, occluded / trusted frames of one observed entity."
+    det = o["detected"]
+    free = det & ~o["touch"]
+    ref = float(np.median(o["area"][free])) if free.any() else (float(np.median(o["area"][det])) if det.any() else 0.0)
+    occluded = det & o["touch"] & (o["area"] < 0.85 * ref)
+    return {"ref": ref, "trusted": det & ~occluded, "occluded": occluded}
+
+def _hidden(o: dict, t: int, labels: torch.Tensor, colour: int) -> bool:
+    "Is the undetected entity plausibly behind another one at frame t (its interpolated centre is another colour)?"
+    det = np.nonzero(o["detected"])[0]
+    if not len(det): return False
+    before, after = det[det < t], det[det > t]
+    if len(before) and len(after):
+        a, b = before[-1], after[0]; w = (t - a) / (b - a)
+        x, y = (1 - w) * o["centroid"][a] + w * o["centroid"][b]
+    else: x, y = o["centroid"][before[-1] if len(before) else after[0]]
+    H, W = labels.shape[1:]
+    v = int(labels[t, min(H - 1, max(0, int(y))), min(W - 1, max(0, int(x)))])
+    return v >= 1 and v != colour
+
+def _motion_score(o: dict, tr: dict, shape: str, r: float, others: list, H: int, W: int) -> float:
+    "Fraction of plausible accelerations of one entity (see the analyser's description)."
+    c, ok = o["centroid"], tr["trusted"]
+    T = len(ok)
+    left, right, top, bottom = (x * r for x in TOY_EXTENTS[shape])
+    lo, hi = np.array([left, top]), np.array([W - right, H - bottom])
+    steps = [t for t in range(1, T - 1) if ok[t - 1] and ok[t] and ok[t + 1]]
+    if not steps: return 0.0
+    speeds = [np.linalg.norm(c[t] - c[t - 1]) for t in steps]
+    if np.median(speeds) < 0.25 * TOY_SPEED[0] * min(H, W): return 0.0       # the world has no resting shapes
+    vmax = 2 * TOY_SPEED[1] * min(H, W)      # no shape can outrun this: the fastest two shapes' energy in one
+    wall_tol = TOY_ACCEL_TOL + 0.15 * r     # how far the mirror may lie from where the shape's extent meets the wall
+    good = 0
+    for t in steps:
+        v1, v2 = c[t] - c[t - 1], c[t + 1] - c[t]
+        tol = TOY_ACCEL_TOL + 0.15 * (np.linalg.norm(v1) + np.linalg.norm(v2)) / 2
+        if max(np.linalg.norm(v1), np.linalg.norm(v2)) > vmax: continue          # faster than energy conservation allows
+        slack = min(np.linalg.norm(v1) + np.linalg.norm(v2), vmax) + tol
+        near = any(np.isfinite(p[s]).all() and np.linalg.norm(p[s] - c[t]) <= 1.15 * (r + q) + slack
+                   for p, q in others for s in (t - 1, t, t + 1))
+        if near: good += 1; continue                                             # a contact: any change is allowed
+        axes_ok = True
+        for ax in range(2):                                                      # a wall bounce, per axis: unfold it
+            x0, x1, x2 = c[t - 1, ax], c[t, ax], c[t + 1, ax]
+            if abs((x2 - x1) - (x1 - x0)) <= tol: continue
+            walls = [(x2 + 2 * x1 - x0) / 2, (2 * x1 + x0 - x2) / 2]            # the mirror that makes the motion straight,
+            axes_ok &= any(abs(w - lim) <= wall_tol for w in walls for lim in (lo[ax], hi[ax]))  # bounce in step t or t-1
+        good += axes_ok
+    return good / len(steps)
+
+# %% ../nbs/toy.ipynb #d9ba5d99
+def _collision_seen(ci, cj, R: float, vmax: float) -> float:
+    "1 if the centres reach contact while approaching, then separate with a changed relative velocity, all at plausible speeds."
+    d = ci - cj                                                        # T, 2 relative position (nan where untrusted)
+    D = np.linalg.norm(d, axis=1)
+    T = len(D)
+    for t in range(1, T - 1):
+        win = [s for s in range(t - 2, t + 3) if 0 <= s < T]
+        if not np.isfinite(D[t - 1:t + 2]).all(): continue
+        steps = np.linalg.norm(np.diff(d[t - 1:t + 2], axis=0), axis=1)
+        if steps.max() > vmax: continue
+        if not (0.7 * R <= D[t] <= 1.15 * R + 0.5 * steps.max()): continue      # contact, no interpenetration
+        if not (D[t - 1] > D[t] < D[t + 1]): continue                            # approach, then separation
+        pre = d[t] - d[t - 1]; post = d[t + 1] - d[t]
+        if np.linalg.norm(post - pre) >= max(1.0, 0.2 * np.linalg.norm(pre)): return 1.0   # the relative velocity changed
+    return 0.0
+
+def _occlusion_seen(of: dict, ob: dict, trf: dict, trb: dict, hidden_b: np.ndarray, loss: float = TOY_OCCLUSION / 2) -> float:
+    "1 if in some frame the back entity has lost `loss` of its area next to the front one (or is hidden) while the front one is whole."
+    front_whole = of["detected"] & (of["area"] >= 0.85 * trf["ref"])
+    lost = ob["detected"] & ob["touch"] & (ob["area"] <= (1 - loss) * trb["ref"])
+    return float(bool((front_whole & (lost | hidden_b)).any()))
+
+def score_toy_clip(
+    frames: torch.Tensor,  # uint8 (T, 3, H, W), e.g. a generated video
+    entities: list,        # the prompt's entities: names "<colour> <shape>" or scene entity dicts (with 'name')
+    caption: str,          # the prompt (its claimed collisions / occlusions are checked)
+    tol: float = TOY_TOL,  # colour tolerance (see `toy_colour_labels`)
+) -> dict:                 # prompt_fidelity, permanence, shape_constancy, motion_plausibility, event, overall: floats in [0, 1]
+    "Score a toy video against its prompt with the palette and the physics of the toy world (see the description above)."
+    frames = _check_frames(frames)
+    if not isinstance(caption, str): raise TypeError(f"caption must be a string, got {type(caption).__name__}")
+    ents = _entity_list(entities)
+    names = [toy_name(*e) for e in ents]
+    claims = parse_toy_caption(caption, names)
+    T, _, H, W = frames.shape
+    ob = toy_observe(frames, tol)
+    obs = [ob[c] for c, _ in ents]
+    trs = [_entity_track(o, T) for o in obs]
+    radius = [math.sqrt(tr["ref"] / TOY_AREA[s]) for tr, (_, s) in zip(trs, ents)]
+    cidx = [1 + list(TOY_COLOURS).index(c) for c, _ in ents]
+    hidden = [np.array([not o["detected"][t] and _hidden(o, t, ob["labels"], ci) for t in range(T)]) for o, ci in zip(obs, cidx)]
+    # prompt fidelity: the named shapes, and nothing else
+    fid = []
+    for (_, shape), o, tr in zip(ents, obs, trs):
+        presence = min(1.0, o["detected"].sum() / (0.5 * T))
+        seen = [o["shape"][t] for t in np.nonzero(tr["trusted"])[0]]
+        fid.append(presence * (1 + (np.mean([s == shape for s in seen]) if seen else 0.0)) / 2)
+    named = {c for c, _ in ents}
+    extra = sum(ob[c]["detected"].sum() >= 0.5 * T for c in TOY_COLOURS if c not in named)
+    extra += sum((o["second"] >= ob["min_area"]).sum() >= 0.5 * T for o in obs)
+    # permanence and shape constancy
+    perm = [float(np.mean(o["detected"] | h)) for o, h in zip(obs, hidden)]
+    const = []
+    for o, tr in zip(obs, trs):
+        idx = np.nonzero(tr["trusted"])[0]
+        if not len(idx): const.append(0.0); continue
+        shapes = [o["shape"][t] for t in idx]
+        mode = max(set(shapes), key=shapes.count)
+        const.append(float(np.mean([(o["shape"][t] == mode) and 0.75 <= o["area"][t] / tr["ref"] <= 1.33 for t in idx])))
+    # motion
+    tracks = [np.where(tr["trusted"][:, None], o["centroid"], np.nan) for o, tr in zip(obs, trs)]
+    motion = [_motion_score(o, tr, s, radius[k], [(tracks[j], radius[j]) for j in range(len(ents)) if j != k], H, W)
+              for k, (o, tr, (_, s)) in enumerate(zip(obs, trs, ents))]
+    # events
+    vmax = 2 * TOY_SPEED[1] * min(H, W)
+    def collide(i, j): return _collision_seen(tracks[i], tracks[j], radius[i] + radius[j], 2 * vmax)
+    def occlude(f, b, loss=TOY_OCCLUSION / 2): return _occlusion_seen(obs[f], obs[b], trs[f], trs[b], hidden[b], loss)
+    if claims: event = float(np.mean([collide(i, j) if kind == "collide" else occlude(i, j) for kind, i, j in claims]))
+    else:
+        pairs = [(i, j) for i in range(len(ents)) for j in range(i + 1, len(ents))]
+        there = [o["detected"].sum() >= 0.5 * T for o in obs]                   # "nothing happens" needs the entities
+        event = float(np.mean([there[i] and there[j] and 1.0 - max(collide(i, j), occlude(i, j, 1.5 * TOY_OCCLUSION),
+                                                                   occlude(j, i, 1.5 * TOY_OCCLUSION)) for i, j in pairs])) if pairs else float(there[0])
+    out = {"prompt_fidelity": float(sum(fid) / (len(ents) + extra)), "permanence": float(np.mean(perm)),
+           "shape_constancy": float(np.mean(const)), "motion_plausibility": float(np.mean(motion)), "event": event}
+    out["overall"] = float(np.mean(list(out.values())))
+    return out
+
+def score_toy_batch(
+    frames: torch.Tensor, # uint8 (n, T, 3, H, W)
+    prompts: list[dict],  # n prompts with 'entities' and 'caption' (e.g. from `toy_prompts` or `toy_batch`'s scenes)
+    tol: float = TOY_TOL, # colour tolerance
+) -> list[dict]:          # one `score_toy_clip` dict per clip
+    "Score a batch of toy videos, one prompt each."
+    if not isinstance(frames, torch.Tensor) or frames.dim() != 5 or len(frames) != len(prompts):
+        raise ValueError(f"frames must be a (n, T, 3, H, W) tensor with one prompt per clip, got {tuple(getattr(frames, 'shape', ()))} "
+                         f"and {len(prompts)} prompts")
+    return [score_toy_clip(f, p["entities"], p["caption"], tol) for f, p in zip(frames, prompts)]
+
+# %% ../nbs/toy.ipynb #c50d7a15
+TOY_CORRUPTIONS = {"shuffle": "motion_plausibility", "swap_colour": "prompt_fidelity", "erase_some": "permanence",
+                   "erase_all": "prompt_fidelity"}   # each corruption and the metric it must lower
+
+def corrupt_toy_clip(
+    frames: torch.Tensor, # uint8 (T, 3, H, W), a rendered clip
+    masks: torch.Tensor,  # bool (E, T, H, W), its exact masks
+    entities: list,       # its entities (names or scene dicts), in mask order
+    kind: str,            # one of TOY_CORRUPTIONS: 'shuffle', 'swap_colour', 'erase_some', 'erase_all'
+    k: int = 0,           # the entity to recolour or erase
+    seed: int = 0,        # the frame order of 'shuffle'
+) -> torch.Tensor:        # the corrupted copy, uint8 (T, 3, H, W)
+    "Corrupt a real clip in one controlled way (the analyser's tests: each must lower its metric)."
+    frames = _check_frames(frames).clone()
+    ents = _entity_list(entities)
+    if kind not in TOY_CORRUPTIONS: raise ValueError(f"kind must be one of {list(TOY_CORRUPTIONS)}, got {kind!r}")
+    T = frames.shape[0]
+    if kind == "shuffle":
+        perm = np.random.default_rng(seed).permutation(T)
+        while (perm == np.arange(T)).all(): perm = np.roll(perm, 1)
+        return frames[torch.from_numpy(perm)]
+    m = masks[k].bool()                                              # T, H, W
+    if kind == "swap_colour":                                        # repaint with a palette colour the clip does not use
+        new = next(c for c in TOY_COLOURS if c not in {c for c, _ in ents})
+        colour = torch.tensor(TOY_COLOURS[new], dtype=torch.uint8)
+    else: colour = torch.tensor(TOY_BACKGROUND, dtype=torch.uint8)
+    if kind == "erase_some": m = m.clone(); m[: T // 4] = False; m[T - T // 4:] = False   # the middle half of the frames
+    return torch.where(m[:, None], colour.view(1, 3, 1, 1), frames)
+
+# %% ../nbs/toy.ipynb #3827c66c
+def frechet_distance(
+    feats_a,  # (N, D) features of one set (tensor or array), N >= 2
+    feats_b,  # (M, D) features of the other set, M >= 2
+) -> float:   # squared Frechet distance between the two Gaussian fits, >= 0
+    "Frechet distance |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64 via symmetric eigendecompositions."
+    a, b = (np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64) for x in (feats_a, feats_b))
+    for name, x in (("feats_a", a), ("feats_b", b)):
+        if x.ndim != 2 or len(x) < 2: raise ValueError(f"{name} must be (N, D) with N >= 2, got shape {x.shape}")
+        if not np.isfinite(x).all(): raise ValueError(f"{name} has non-finite values")
+    if a.shape[1] != b.shape[1]: raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
+    sa, sb = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    w, v = np.linalg.eigh(sa)
+    ha = (v * np.sqrt(np.clip(w, 0, None))) @ v.T                  # S_a^1/2 (symmetric PSD square root)
+    m = ha @ sb @ ha
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()   # tr (S_a^1/2 S_b S_a^1/2)^1/2
+    d = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * cross
+    return float(max(d, 0.0))
