@@ -240,17 +240,18 @@ def _normalize_grad(
     x: torch.Tensor,     # B, N, D raw tokens
     inv: torch.Tensor,   # B, N inverse norms from `_inv_norm`
     sign: float = 1.0,   # factor on the result
-    chunk: int = 4 * 2**20,  # elements per row chunk of the temporaries
+    chunk: int = 4 * 2**20,  # elements per row chunk of the temporaries (one chunk when x has at most 4x as many)
 ) -> torch.Tensor:       # B, N, D dL/dx in x's dtype
     "Backward of the L2 normalisation: (g - (g·x̂) x̂) / |x| where |x| > eps, g / eps elsewhere; in row chunks."
     B, N, D = x.shape
     dx = torch.empty_like(x)
-    ch = max(1, chunk // max(1, B * D))
+    ch = N if x.numel() <= 4 * chunk else max(1, chunk // max(1, B * D))  # small: one pass, fewer kernel launches
     for c0 in range(0, N, ch):
         gc, iv = g[:, c0:c0 + ch], inv[:, c0:c0 + ch, None]
         xh = x[:, c0:c0 + ch].to(g.dtype) * iv
         radial = (gc * xh).sum(-1, keepdim=True) * (iv < 1.0 / _EPS)
-        dx[:, c0:c0 + ch] = gc.sub_(radial * xh).mul_(sign)
+        gc.sub_(radial * xh)
+        dx[:, c0:c0 + ch] = gc if sign == 1.0 else gc.mul_(sign)
     return dx
 
 
@@ -277,6 +278,7 @@ def _mm(a, b, cdt):
     "a (B, M, K) @ b (B, K, N) in the computation dtype `cdt`: half inputs multiply exactly and sum in float32."
     if a.dtype == b.dtype and _gemm_dtype(a, cdt) != cdt: return torch.bmm(a, b, out_dtype=cdt)
     return torch.bmm(a.to(cdt), b.to(cdt))
+
 
 
 # %% ../nbs/trd.ipynb #d46a788a

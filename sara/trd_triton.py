@@ -278,7 +278,7 @@ class FusedTRD(torch.autograd.Function):
                 wk = w.detach().to(torch.float32).contiguous()
                 z = pair_weight_total(w.detach().double(), op, check=False).sum()  # w checked by the caller
                 sw_b = wk.stride(0)
-            inv_z = torch.where(z > 0, 1.0 / torch.where(z > 0, z, torch.ones_like(z)), torch.zeros_like(z))
+            inv_z = z.reciprocal().nan_to_num_(posinf=0.0)  # z >= 0; z == 0 (all weights 0): loss and gradients 0
             T = triton.cdiv(N, block_m) if N else 0
             tiles = _upper_tiles(T, _GROUP, str(p.device))
             n_tiles = tiles.shape[0]
@@ -351,6 +351,7 @@ class FusedTRD(torch.autograd.Function):
         dp = out.pop(0) if need_p else None
         dy = out.pop(0) if need_y else None
         return dp, dy, None, None, None, None, None, None
+
 
 
 
