@@ -14,7 +14,7 @@ from .trd import TRD_IMPLS
 
 # %% auto #0
 __all__ = ['SITE_DEFAULTS', 'SITE_PATH_KEYS', 'PACKAGED', 'METHODS', 'SALIENCY_SOURCES', 'DEVICES', 'LAM_SCHEDULES', 'EXPERTS',
-           'LOSS_WEIGHTINGS', 'MIXED_PRECISION', 'WEIGHTS_DTYPES', 'RUN_CHOICES', 'TASKS', 'TINY_FLOW_SHIFT',
+           'LOSS_WEIGHTINGS', 'MIXED_PRECISION', 'WEIGHTS_DTYPES', 'TASKS', 'RUN_CHOICES', 'TINY_FLOW_SHIFT',
            'A14B_BOUNDARY', 'MODEL_FPS', 'packaged', 'find_settings', 'site_settings', 'ConfigError', 'config_error',
            'closest', 'known_params', 'notebook_params', 'parse_bool', 'field_help', 'dataclass_args', 'run_cli',
            'RunConfig', 'wan_facts', 'check_expert', 'apply_wan_facts', 'make_config', 'save_config', 'load_config']
@@ -84,10 +84,11 @@ EXPERTS = ("", "high", "low")
 LOSS_WEIGHTINGS = ("none", "bell")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 WEIGHTS_DTYPES = ("float32", "bfloat16")
+TASKS = ("t2v", "ti2v")  # text-to-video; text+image-to-video (TI2V-5B: first latent frame = clean image)
 # RunConfig fields that take one of a fixed set of values (validation and `--help` read it)
 RUN_CHOICES = dict(method=METHODS, op=ROUTING_OPS, saliency=SALIENCY_SOURCES, trd_impl=TRD_IMPLS, device=DEVICES,
                    lam_schedule=LAM_SCHEDULES, expert=EXPERTS, loss_weighting=LOSS_WEIGHTINGS,
-                   mixed_precision=MIXED_PRECISION, weights_dtype=WEIGHTS_DTYPES)
+                   mixed_precision=MIXED_PRECISION, weights_dtype=WEIGHTS_DTYPES, task=TASKS)
 
 class ConfigError(ValueError):
     "A configuration field holds a value that is not allowed (subclasses name their dataclass in `owner`)."
@@ -139,7 +140,9 @@ def notebook_params(
 ) -> dict:                      # the fields of `cls` the notebook defines, by name
     """The parameters of a papermill notebook for `cls`. A name the parameters cell or papermill's injected cell set
     that is neither a field of `cls` nor in `extra` is a `ConfigError` naming the closest field (`-p stesp 3`)."""
-    new = {k: v for k, v in now.items() if not k.startswith("_") and (k not in before or before[k] is not v)}
+    literal = (str, int, float, bool, list, dict, tuple, type(None))   # what papermill can inject (imports are not parameters)
+    new = {k: v for k, v in now.items()
+           if not k.startswith("_") and isinstance(v, literal) and (k not in before or before[k] is not v)}
     known_params(new, cls, config_error(cls), extra, derived)
     return {f.name: now[f.name] for f in fields(cls) if f.name in now and f.name not in derived}
 
@@ -208,8 +211,6 @@ def run_cli(
 
 
 # %% ../nbs/config.ipynb #c91b0b7c
-TASKS = ("t2v", "ti2v")  # text-to-video; text+image-to-video (TI2V-5B: first latent frame = clean image)
-
 @dataclass
 class RunConfig:
     "Everything a Stage 2 run needs; build it with `make_config` so that site settings fill the blanks."
@@ -260,7 +261,7 @@ class RunConfig:
     data_root: str = ""         # folder with the clip manifest ("" = site setting)
     manifest: str = ""          # manifest file name inside data_root, or a path ("" = site setting)
     cache_dir: str = ""         # where precompute caches go ("" = site setting)
-    cache: str = ""             # an existing cache folder ("" = build or resume the run's own under cache_dir)
+    cache: str = ""             # latest (the newest cache under cache_dir) or a cache folder ("" = build or resume the run's own under cache_dir)
     runs_dir: str = ""          # where run folders go ("" = site setting)
     run_dir: str = ""           # this run's folder ("" = runs_dir/run_name)
     wan_model: str = ""         # "tiny" or a diffusers-format Wan2.2 directory ("" = site setting)
@@ -395,7 +396,7 @@ def make_config(
         if not getattr(cfg, k): setattr(cfg, k, s[k])
     root = Path(s.get("root", "."))
     for k in ("data_root", "cache_dir", "runs_dir"): setattr(cfg, k, str((root / getattr(cfg, k)).resolve()))
-    if cfg.cache: cfg.cache = str((root / cfg.cache).resolve())
+    if cfg.cache and cfg.cache != "latest": cfg.cache = str((root / cfg.cache).resolve())
     if cfg.resume not in ("", "latest"): cfg.resume = str((root / cfg.resume).resolve())
     cfg.manifest = str(Path(cfg.data_root) / cfg.manifest)
     cfg.run_dir = str((root / cfg.run_dir).resolve()) if cfg.run_dir else str(Path(cfg.runs_dir) / cfg.run_name)

@@ -10,6 +10,24 @@ def random_video(batch: int, frames: int = 17, size: int = 64, seed: int = 0) ->
 
 
 @pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    "One precompute cache folder shared by the Stage 2 tests of a module (built on first use, then resumed)."
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def cfg_for(tmp_path, cache_dir):
+    "make_config for a short Stage 2 run on the shipped toy world: `cfg_for(method='sft', steps=1)`."
+    from pathlib import Path
+    from sara.config import make_config, site_settings
+    def make(**kw):
+        params = dict(run_name="t", steps=3, batch_size=2, runs_dir=str(tmp_path / "runs"), cache_dir=cache_dir,
+                      checkpoint_every=0)
+        return make_config({**params, **kw}, settings=site_settings(Path(__file__).resolve().parents[1], env={}))
+    return make
+
+
+@pytest.fixture(scope="module")
 def video2():
     return random_video(2)
 

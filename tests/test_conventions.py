@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import UniPCMultistepScheduler
 
-from sara.config import ConfigError, RunConfig, field_help, make_config, site_settings
+from sara.config import ConfigError, RunConfig, field_help
 from sara.data import ClipDataset, clip_frame_indices
 from sara.wan import FeatureTap, build_wan, dit_forward, expert_window
 
@@ -24,21 +24,6 @@ def _wan_dir(root: Path, experts: bool = False, index: dict | None = None, shift
     UniPCMultistepScheduler(flow_shift=shift, use_flow_sigmas=True, prediction_type="flow_prediction").save_pretrained(root / "scheduler")
     if index is not None: (root / "model_index.json").write_text(json.dumps(index))
     return str(root)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture
-def cfg_for(tmp_path, cache_dir):
-    def make(**kw):
-        params = dict(run_name="t", steps=1, batch_size=2, runs_dir=str(tmp_path / "runs"), cache_dir=cache_dir,
-                      checkpoint_every=0)
-        params.update(kw)
-        return make_config(params, settings=site_settings(ROOT, env={}))
-    return make
 
 
 @pytest.fixture
@@ -84,7 +69,7 @@ def test_flow_shift_defaults_to_the_model_and_is_recorded(cfg_for, tmp_path):
     assert cfg_for().flow_shift == 3.0                             # tiny: the documented default
     assert cfg_for(wan_model=d, fps=8, flow_shift=7.0).flow_shift == 7.0   # explicit wins
     from sara.train import train
-    cfg = RunConfig(**{**cfg_for(wan_model=d, fps=8).to_dict(), "flow_shift": 0.0})   # unresolved, as a user could pass it
+    cfg = RunConfig(**{**cfg_for(wan_model=d, fps=8, steps=1).to_dict(), "flow_shift": 0.0})   # unresolved, as a user could pass it
     out = train(cfg, progress=False)
     assert out["models"].wan.scheduler.config.shift == 5.0
     assert json.loads((Path(cfg.run_dir) / "config.json").read_text())["config"]["flow_shift"] == 5.0
@@ -95,7 +80,7 @@ def test_ti2v_first_latent_is_clean_and_carries_no_loss(cfg_for, dit_calls, monk
     "task=ti2v: latent frame 0 of x_t is x0's, its tokens get timestep 0, and a wrong prediction there costs nothing."
     from sara.train import train
     import sara.train as T
-    out = train(cfg_for(run_name="ti2v", task="ti2v", method="sft"), progress=False)
+    out = train(cfg_for(run_name="ti2v", task="ti2v", method="sft", steps=1), progress=False)
     (x_t, ts, _), = dit_calls
     x0 = torch.stack([out["targets"][j]["latents"] for j in out["metrics"][0]["clips"]])   # B, z, t, h, w
     assert torch.equal(x_t[:, :, 0], x0[:, :, 0].to(x_t)) and not torch.allclose(x_t[:, :, 1:], x0[:, :, 1:])
@@ -107,9 +92,9 @@ def test_ti2v_first_latent_is_clean_and_carries_no_loss(cfg_for, dit_calls, monk
         pred[:, :, 0] += 100.0                                      # any prediction for the clean latent
         return pred
     monkeypatch.setattr(T, "dit_forward", wrong_on_image)
-    again = train(cfg_for(run_name="ti2v-wrong", task="ti2v", method="sft"), progress=False)
+    again = train(cfg_for(run_name="ti2v-wrong", task="ti2v", method="sft", steps=1), progress=False)
     assert again["metrics"][0]["fm"] == pytest.approx(out["metrics"][0]["fm"], rel=1e-6)
-    t2v = train(cfg_for(run_name="t2v-wrong", method="sft"), progress=False)
+    t2v = train(cfg_for(run_name="t2v-wrong", method="sft", steps=1), progress=False)
     assert t2v["metrics"][0]["fm"] > 100                            # in t2v the same error is counted
 
 

@@ -12,20 +12,7 @@ from sara.train import train, read_metrics, load_checkpoint, build_models, resol
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    "One precompute cache folder shared by the tests of this module (built on first use, then resumed)."
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture
-def cfg_for(tmp_path, cache_dir):
-    def make(**kw):
-        params = dict(run_name="t", steps=3, batch_size=2, runs_dir=str(tmp_path / "runs"), cache_dir=cache_dir,
-                      checkpoint_every=0)
-        params.update(kw)
-        return make_config(params, settings=site_settings(ROOT, env={}))
-    return make
+# cache_dir and cfg_for (a short run on the toy world) are in conftest.py
 
 
 def test_papermill_runs_train_notebook(tmp_path, cache_dir):
