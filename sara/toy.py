@@ -660,7 +660,7 @@ def _entity_list(entities) -> list[tuple[str, str]]:
     return out
 
 # %% ../nbs/toy.ipynb #67484162
-def _entity_track(o: dict, T: int) -> dict:
+def _entity_track(o: dict) -> dict:
     "Reference area, occluded / trusted frames of one observed entity."
     det = o["detected"]
     free = det & ~o["touch"]
@@ -749,7 +749,7 @@ def score_toy_clip(
     T, _, H, W = frames.shape
     ob = toy_observe(frames, tol)
     obs = [ob[c] for c, _ in ents]
-    trs = [_entity_track(o, T) for o in obs]
+    trs = [_entity_track(o) for o in obs]
     radius = [math.sqrt(tr["ref"] / TOY_AREA[s]) for tr, (_, s) in zip(trs, ents)]
     cidx = [1 + list(TOY_COLOURS).index(c) for c, _ in ents]
     hidden = [np.array([not o["detected"][t] and _hidden(o, t, ob["labels"], ci) for t in range(T)]) for o, ci in zip(obs, cidx)]
