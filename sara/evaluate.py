@@ -29,8 +29,9 @@ __all__ = ['EVAL_DEFAULTS', 'TEXT_FOLLOWING', 'VBENCH_DIMENSIONS', 'SUITES', 'VB
            'prompt_of_file', 'cluster_bootstrap_ci', 'run_vbench', 'vbench_totals', 'make_rubric', 'judge_prompt',
            'parse_score', 'TransformersJudge', 'make_tiny_judge_dir', 'judge_videos', 'bootstrap_ci',
            'aggregate_scores', 'paired_bootstrap', 'paired_rubric', 'videophy2_prompts', 'videophy2_backend',
-           'videophy2_scores', 'run_videophy2', 'study_pairs', 'make_study', 'sign_test', 'tally_study', 'toy_scores',
-           'metrics_table', 'paired_table', 'table_html', 'score_bars', 'frame_grid', 'write_report', 'evaluate_runs']
+           'videophy2_scores', 'run_videophy2', 'study_pairs', 'make_study', 'sign_test', 'tally_study',
+           'study_rows_scores', 'toy_scores', 'metrics_table', 'paired_table', 'table_html', 'score_bars', 'frame_grid',
+           'write_report', 'evaluate_runs']
 
 # %% ../nbs/evaluate.ipynb #32609f72
 EVAL_DEFAULTS = dict(judge_model="", vbench_dir="", videophy2_prompts="", videophy2_repo="", videophy2_checkpoint="",
@@ -741,14 +742,31 @@ def _fmt(v, digits=3) -> str:
 
 TOY_SCORE_FILES = ("toy_scores.json", "scores.json")  # per-run score files of the toy study (`sara.study`), first found wins
 
+_ROW_KEYS = {"run", "method", "prompt_id", "seed", "unseen", "file"}   # non-metric fields of `sara.study`'s scores.json rows
+
+def study_rows_scores(
+    rows: list[dict],     # `sara.study` scores.json rows: run, method, prompt_id, seed, unseen, then one number per metric
+    name: str | None = None,  # keep rows whose `run` or `method` is `name` (None: all rows)
+    n_boot: int = 1000,   # bootstrap resamples
+) -> dict | None:         # {metric: [mean, lo, hi]} over the kept rows, or None when no row is kept
+    "Per-metric mean and bootstrap interval of the toy study's per-sample scores (prompts and seeds)."
+    kept = [r for r in rows if name is None or name in (r.get("run"), r.get("method"))]
+    if not kept: return None
+    metrics = [k for k in kept[0] if k not in _ROW_KEYS and isinstance(kept[0][k], (int, float)) and not isinstance(kept[0][k], bool)]
+    return {k: list(bootstrap_ci([float(r[k]) for r in kept if isinstance(r.get(k), (int, float))], n_boot)) for k in metrics}
+
 def toy_scores(
     run_dir: str | Path,  # a run folder
-) -> dict | None:         # {metric: value or [mean, lo, hi]}, or None when the run has no toy-study scores
-    "The toy study's metrics of a run (flat JSON object of numbers or [mean, lo, hi]); ValueError naming the file if malformed."
+    study_file: str | Path | None = None,  # a `sara.study` scores.json (its rows whose run or method is the folder's name)
+    n_boot: int = 1000,   # bootstrap resamples (study rows)
+) -> dict | None:         # {metric: value or [mean, lo, hi]}, or None when there are no toy-study scores for this run
+    """The toy study's metrics of a run: the run folder's `toy_scores.json` / `scores.json` (an object of numbers or
+    [mean, lo, hi], or `sara.study` rows), else the rows of `study_file` named after the run; ValueError naming a malformed file."""
     for n in TOY_SCORE_FILES:
         f = Path(run_dir) / n
         if not f.is_file(): continue
         d = json.loads(f.read_text())
+        if isinstance(d, list) and all(isinstance(r, dict) for r in d): return study_rows_scores(d, None, n_boot)
         d = d.get("metrics", d) if isinstance(d, dict) else d
         if not isinstance(d, dict): raise ValueError(f"{f}: expected a JSON object of metric -> number, got {type(d).__name__}")
         out = {}
@@ -757,6 +775,10 @@ def toy_scores(
             if isinstance(v, (int, float)) and not isinstance(v, bool): out[str(k)] = float(v)
             elif isinstance(v, list) and v and all(isinstance(x, (int, float)) or x is None for x in v): out[str(k)] = v
         return out
+    if study_file:
+        rows = json.loads(Path(study_file).read_text())
+        if not isinstance(rows, list): raise ValueError(f"{study_file}: expected sara.study's scores.json (a list of rows)")
+        return study_rows_scores(rows, Path(run_dir).name, n_boot)
     return None
 
 def _ci_cell(mean, lo, hi, digits=3) -> str:
@@ -916,6 +938,7 @@ def evaluate_runs(
     videophy2_file: str = "",     # VideoPhy-2 prompt file ("" = settings; none: VideoPhy-2 is not run, with a reason)
     videophy2_n: int | None = None,  # VideoPhy-2 prompts (None: all)
     videophy2_backend=None,       # VideoPhy-2-AutoEval override (tests)
+    toy_study: str = "",          # a `sara.study` scores.json whose rows (run or method = a run folder name) are shown
     n_boot: int = 1000,           # bootstrap resamples
     study_seed: int = 0,          # user-study shuffling seed
     progress: bool = False,       # diffusers progress bars
@@ -994,9 +1017,9 @@ def evaluate_runs(
                 paired.append(dict(method=m, baseline=baseline, dimension=f"vbench:{d}", **paired_bootstrap(per, vb[baseline]["videos"][d], n_boot)))
     toy = {}
     for rd in run_dirs:
-        try: toy[Path(rd).name] = toy_scores(rd)
+        try: toy[Path(rd).name] = toy_scores(rd, toy_study or None, n_boot)
         except (ValueError, json.JSONDecodeError) as e: problems.append(f"toy scores of {rd}: {e}")
-    if not any(toy.values()): not_run["toy"] = f"no run folder holds {' or '.join(TOY_SCORE_FILES)} (the toy study writes it)"
+    if not any(toy.values()): not_run["toy"] = f"no run folder holds {' or '.join(TOY_SCORE_FILES)} and no toy study scores.json names a run (toy_study)"
     study = None
     if len(entries["rubric"]) >= 2: study = str(make_study(study_pairs(entries["rubric"], folders), out / "study", seed=study_seed))
     else: not_run["study"] = "fewer than two runs with samples"
