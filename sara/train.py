@@ -101,8 +101,12 @@ def cache_folder(
     progress: bool = True,   # progress bar while building/resuming the cache
     build: bool = True,      # build or resume the cache (False: only name its folder, e.g. on non-main processes)
 ) -> Path:                   # the cache folder the run reads
-    "The run's cache: `cfg.cache` if set, else the one `sara.precompute` builds (or resumes) for the run's data settings."
-    from sara.precompute import precompute, cache_path, make_precompute_config
+    "The run's cache: `cfg.cache` if set (`latest`: the newest under `cache_dir`), else the one `sara.precompute` builds (or resumes) for the run's data settings."
+    from sara.precompute import precompute, cache_path, make_precompute_config, find_cache
+    if cfg.cache == "latest":   # the newest cache under cache_dir with a finished clip
+        folder = find_cache("latest", dict(cache_dir=cfg.cache_dir))
+        if progress: print(f"cache=latest: {folder}")
+        return folder
     if cfg.cache: return Path(cfg.cache)
     params = cache_params(cfg)
     return precompute(dict(params, progress=progress)) if build else cache_path(make_precompute_config(params))
@@ -464,7 +468,7 @@ def train(
     order = batch_order(len(targets), cfg.steps, cfg.batch_size, cfg.seed)
     if cfg.targets_in_loop:
         from sara.data import ClipDataset
-        clips = ClipDataset(cfg.manifest, n_frames=cfg.n_frames, size=(cfg.height, cfg.width))
+        clips = ClipDataset(cfg.manifest, n_frames=cfg.n_frames, size=(cfg.height, cfg.width), fps=cfg.fps)
         clip_pos = {r.id: k for k, r in enumerate(clips.records)}
     opt = torch.optim.AdamW(trainable_parameters(models), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps))
