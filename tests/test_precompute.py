@@ -86,11 +86,11 @@ def test_entries_equal_direct_computation(toy_cache):
     for rec in recs[:3]:
         e = cache[rec.id]
         masks = load_masks(rec.masks)                                  # E, 17, 64, 64 (toy: no resampling needed)
-        t_used = geo.usable_frames(masks.shape[1])
-        assert torch.equal(e["masks_grid"], reduce_to_grid(masks[:, :t_used], geo.tubelet, geo.patch))
-        assert torch.equal(e["w"], saliency_from_masks(masks[:, :t_used], geo.tubelet, geo.patch, how="max"))
+        t_used = 1 + geo.usable_frames(masks.shape[1] - 1)            # the target sees frames 1..16 (sara.grids)
+        assert torch.equal(e["masks_grid"], reduce_to_grid(masks[:, 1:t_used], geo.tubelet, geo.patch))
+        assert torch.equal(e["w"], saliency_from_masks(masks[:, 1:t_used], geo.tubelet, geo.patch, how="max"))
         video = (load_video(rec.video).float() / 127.5 - 1).clamp(-1, 1)[None]  # 1, T, C, H, W
-        assert torch.equal(e["y"], vfm(video)[0])
+        assert torch.equal(e["y"], vfm(video[:, 1:])[0])
         torch.testing.assert_close(e["latents"], encode_video(vae, video)[0])
         emb, mask = text.encode_prompts([rec.caption])
         torch.testing.assert_close(e["prompt"], emb[0]); assert torch.equal(e["prompt_mask"], mask[0].bool())
@@ -99,7 +99,7 @@ def test_entries_equal_direct_computation(toy_cache):
         flow_file = TOY / "flow" / f"{rec.id}.safetensors"
         if flow_file.is_file():  # the toy world's exact flow, averaged over each token cell
             from sara.data import load_flow
-            assert torch.equal(e["flow_grid"], flow_to_grid(load_flow(flow_file)[:t_used], geo.tubelet, geo.patch))
+            assert torch.equal(e["flow_grid"], flow_to_grid(load_flow(flow_file)[1:t_used], geo.tubelet, geo.patch))
         else: assert "flow_grid" not in e
     assert cache.settings["vfm_model"] == "tiny" and read_index(toy_cache)["key"] == settings_key(cache.settings)
 
