@@ -233,12 +233,13 @@ def _toy_pick(rng: np.random.Generator, n: int, split: str, held_out) -> list[tu
     held = [tuple(x) for x in held_out]
     train = [x for x in toy_combos() if x not in held]
     if split == "held_out" and not held: raise ValueError("split='held_out' needs a non-empty held_out list")
-    pools = [toy_combos()] * n if split == "all" else [train] * n
-    if split == "held_out": pools[rng.integers(n)] = held
-    out: list[tuple[str, str]] = []
-    for pool in pools:
+    pool = toy_combos() if split == "all" else train
+    out = [held[rng.integers(len(held))]] if split == "held_out" else []       # the held-out shape first ...
+    while len(out) < n:
         free = [x for x in pool if x[0] not in {c for c, _ in out}]
+        if not free: raise ValueError(f"cannot draw {n} shapes of distinct colours from the {split!r} combinations")
         out.append(free[rng.integers(len(free))])
+    if split == "held_out": out.insert(int(rng.integers(n)), out.pop(0))      # ... then at a random place
     return out
 
 def _toy_walls(shapes, r: np.ndarray, H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
