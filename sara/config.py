@@ -16,8 +16,9 @@ from .trd import TRD_IMPLS
 __all__ = ['SITE_DEFAULTS', 'SITE_PATH_KEYS', 'PACKAGED', 'METHODS', 'SALIENCY_SOURCES', 'DEVICES', 'LAM_SCHEDULES', 'EXPERTS',
            'LOSS_WEIGHTINGS', 'MIXED_PRECISION', 'WEIGHTS_DTYPES', 'TASKS', 'RUN_CHOICES', 'TINY_FLOW_SHIFT',
            'A14B_BOUNDARY', 'MODEL_FPS', 'packaged', 'find_settings', 'site_settings', 'ConfigError', 'config_error',
-           'closest', 'known_params', 'notebook_params', 'parse_bool', 'field_help', 'dataclass_args', 'run_cli',
-           'RunConfig', 'wan_facts', 'check_expert', 'apply_wan_facts', 'make_config', 'save_config', 'load_config']
+           'closest', 'known_params', 'notebook_params', 'parse_bool', 'field_help', 'OneLineParser', 'dataclass_args',
+           'run_cli', 'RunConfig', 'wan_facts', 'check_expert', 'apply_wan_facts', 'make_config', 'save_config',
+           'load_config']
 
 # %% ../nbs/config.ipynb #0126f342
 SITE_DEFAULTS = dict(data_root="data/toy", manifest="manifest.jsonl", cache_dir="cache", runs_dir="runs",
@@ -171,7 +172,7 @@ def field_help(
         out[f.name] = f"{docs.get(f.name) or f.name} (default: {f.default!r}" + (f"; one of: {allowed})" if allowed else ")")
     return out
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     "An `ArgumentParser` whose errors are one line (no usage block), suggesting the closest flag for an unknown one."
     def error(self, message: str):
         if message.startswith("unrecognized arguments:"):
@@ -188,7 +189,7 @@ def dataclass_args(
     choices: dict | None = None,  # field -> allowed values, shown in `--help` (validation stays with the config)
 ) -> dict:                      # the fields given on the command line
     "Parse `--field value` flags for every field of a config dataclass; `--help` shows each field's comment, default and allowed values."
-    ap = _OneLineParser(prog=prog, description=description, allow_abbrev=False)
+    ap = OneLineParser(prog=prog, description=description, allow_abbrev=False)
     conv = {"int": int, "float": float, "str": str, "bool": parse_bool}
     helps = field_help(cls, choices)
     for f in fields(cls):

@@ -447,7 +447,7 @@ def build_mask_provider(
     "The mask provider named in the settings."
     if name == "toy": return ToyMaskProvider()
     if name not in MASK_PROVIDERS: raise ValueError(f"mask provider must be one of {MASK_PROVIDERS}, got {name!r}")
-    if path is None: raise ValueError(f"the {name} mask provider needs `path`, a local checkpoint directory (settings key `mask_model`)")
+    if path is None: raise ValueError(f"the {name} mask provider needs `path`, a local checkpoint directory (sara-precompute --mask_model)")
     return (Sam3MaskProvider if name == "sam3" else Sam2MaskProvider)(path, **kwargs)
 
 # %% ../nbs/masks.ipynb #10d01e59

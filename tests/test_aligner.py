@@ -199,8 +199,14 @@ def test_training_is_deterministic_and_learns(entries, tmp_path):
     run = tmp_path / "run"
     assert (run / "metrics.jsonl").read_text().count("\n") == len(h1)
     assert (run / "curves.html").is_file() and isinstance(load_head(run / "head"), SemanticAligner)
-    with pytest.raises(FileExistsError, match="already holds a Stage 1 run"):
+    with pytest.raises(FileExistsError, match=r"already holds a Stage 1 run; set overwrite=True .* \(run_name in nbs/aligner.ipynb"):
         train_aligner(tr, va, dict(cfg, run_dir=str(run)))
+    first = (run / "head" / "head.json").read_text()
+    train_aligner(tr, va, dict(cfg, run_dir=str(run), steps=3, overwrite=True))   # the earlier run is moved aside
+    aside = list(run.glob("previous-*"))
+    assert len(aside) == 1 and (aside[0] / "head" / "head.json").read_text() == first
+    assert (aside[0] / "metrics.jsonl").read_text().count("\n") == len(h1)
+    assert (run / "metrics.jsonl").read_text().count("\n") < len(h1)
     m1, hm = train_motion_head(tr, va, dict(cfg, lr=3e-3))
     ep = [r["loss"] for r in hm if r["split"] == "train"]
     assert ep[-1] < ep[0]

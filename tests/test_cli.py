@@ -160,8 +160,8 @@ def run_parameter_cells(name: str, params: dict, upto: int = 1) -> dict:
     from papermill.iorw import load_notebook_node  # as papermill loads it (every cell gets a tags list)
     nb = parameterize_notebook(load_notebook_node(str(ROOT / "nbs" / f"{name}.ipynb")), params)
     i = next(k for k, c in enumerate(nb.cells) if "injected-parameters" in c.metadata.get("tags", []))
-    ns = {}
-    exec("from sara.config import *\nfrom sara.train import *\nfrom sara.precompute import *\nfrom sara.aligner import *", ns)
+    import importlib
+    ns = dict(vars(importlib.import_module(f"sara.{name}")))   # what the notebook's own cells define before these
     for c in nb.cells[i - 2:i + 1 + upto]: exec(c.source, ns)
     return ns
 
@@ -231,3 +231,65 @@ def test_demo_is_repeatable_and_never_replaces_an_executed_notebook(make_copy):
     assert r.returncode != 0 and "runs/mine.failed.ipynb" in r.stdout
     assert (d / "runs" / "mine.ipynb").read_text() == good            # the executed notebook is kept
     assert (d / "runs" / "mine.failed.ipynb").is_file() and not list((d / "runs").glob("*.partial.ipynb"))
+
+
+def console_scripts() -> dict:
+    "The [project.scripts] of pyproject.toml: name -> 'module:function'."
+    import tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+@pytest.mark.parametrize("script", sorted(console_scripts()))
+def test_every_console_script_follows_the_exit_codes(script):
+    "Any console script, including ones added later: --help exits 0, an unknown flag exits 2 with one line."
+    import importlib
+    mod, fn = console_scripts()[script].split(":")
+    main = getattr(importlib.import_module(mod), fn)
+    code, out, err = exit_code(main, ["--help"])
+    assert code in (0, None) and "--" in out, (script, err)
+    code, out, err = exit_code(main, ["--no-such-flag", "1"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"{script}: error: " in err, (script, err)
+
+
+# ---------------------------------------------------------------- the README's "Running a job", as written
+
+
+def readme_job_commands() -> list[str]:
+    "The command lines of the first `sh` block under '## Running a job' in README.md (comments dropped)."
+    text = (ROOT / "README.md").read_text()
+    sec = text[text.index("## Running a job"):]
+    start = sec.index("```sh\n") + len("```sh\n")
+    block = sec[start:sec.index("```", start)]
+    return [line.split(" # ")[0].strip() for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def fresh_clone(dst: Path) -> Path:
+    "The repository's tracked files as they are in the working tree (no runs, caches or build outputs), with its .venv."
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        src, out = ROOT / f, dst / f
+        if not src.exists() and not src.is_symlink(): continue          # deleted in the working tree
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink(): out.symlink_to(os.readlink(src))
+        else: shutil.copy2(src, out)
+    (dst / ".venv").symlink_to(ROOT / ".venv")
+    return dst
+
+
+def test_readme_running_a_job(tmp_path):
+    "Every command of the README's 'Running a job' block, in order, from a fresh clone: each must exit 0."
+    from sara.precompute import open_cache
+    from sara.train import read_metrics
+    cmds = readme_job_commands()
+    assert len(cmds) >= 8 and cmds[0] == "mkdir -p runs", cmds
+    clone = fresh_clone(tmp_path / "clone")
+    for cmd in cmds:
+        r = subprocess.run(cmd, shell=True, cwd=clone, env=ENV, capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    caches = [p.parent for p in (clone / "cache").glob("*/index.json")]
+    assert len(caches) == 1 and open_cache(caches[0]).layers == ["aligner", "motion"]
+    for head in ("aligner", "motion"): assert (clone / "runs" / "stage1" / head / "head" / "head.json").is_file()
+    assert [r["step"] for r in read_metrics(clone / "runs" / "sara-and" / "metrics.jsonl")] == list(range(1, 21))
+    cfg = json.loads((clone / "runs" / "moalign" / "config.json").read_text())
+    assert (cfg["config"]["method"], cfg["routing_op"]) == ("moalign", "uniform")
+    assert (clone / "runs" / "eval.ipynb").is_file() and (clone / "runs" / "videorepa.ipynb").is_file()
