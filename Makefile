@@ -8,10 +8,12 @@ STAMP   := $(VENV)/.sara-installed
 # Exact builds for this machine (they lie on its disk); the package itself only
 # declares ranges a GPU machine can satisfy (pyproject.toml).
 TORCH   := torch==2.14.1 torchvision==0.29.1
+# The sam2 package (SAM 2 mask provider backend), built without its CUDA extension against the torch above.
+SAM2    := sam2==1.1.0
 # The install is keyed on content, not on mtimes (nbdev-export rewrites pyproject.toml without changing it): the
 # dependency tables, console scripts and entry points of pyproject.toml, and the TORCH line above.
 DEPS_KEY := $(shell { awk '/^\[/ { t = ($$0 ~ /^\[project\.(optional-dependencies|scripts|entry-points)/) } \
-              /^dependencies = \[/ { d = 1 } d || t { print } /^\]/ { d = 0 }' pyproject.toml; echo '$(TORCH)'; } \
+              /^dependencies = \[/ { d = 1 } d || t { print } /^\]/ { d = 0 }' pyproject.toml; echo '$(TORCH) $(SAM2)'; } \
               | sha256sum | cut -c1-16)
 # A fresh run name per `make demo` (demo-<date>-<time>), so that a re-run never meets the previous run's folder;
 # `make demo RUN=name` names it (an existing name is refused by the run: see the README).
@@ -22,7 +24,7 @@ endif
 SARA_REQUIRE_BROWSER ?= 1
 SNAP    := find nbs sara README.md -type f -not -path '*/__pycache__/*' -not -path '*/.ipynb_checkpoints/*' | LC_ALL=C sort | xargs sha256sum
 
-.PHONY: setup install demo test export readme check-clean browser-deps clean-venv deps-key
+.PHONY: setup install demo test export readme check-clean browser-deps clean-venv deps-key docs
 
 # Installs only when the content key differs from the one recorded in the stamp.
 setup:
@@ -33,6 +35,7 @@ install:
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev]" $(TORCH) && { $(BIN)/python -m pip install -q --no-deps vbench==0.1.5 decord==0.6.0 || echo "vbench (VBench prompt suite) not installed: its naming tests skip"; }
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install -q --no-build-isolation $(SAM2) || echo "sam2 (SAM 2 package backend) not installed: tests/test_sam2.py skips"
 	$(BIN)/python -m ipykernel install --sys-prefix --name sara --display-name "Python (sara)" >/dev/null
 	echo $(DEPS_KEY) > $(STAMP)
 
@@ -80,7 +83,13 @@ browser-deps:
 
 test: check-clean browser-deps
 	HF_HUB_OFFLINE=1 $(BIN)/nbdev-test
+	$(MAKE) --no-print-directory docs
 	HF_HUB_OFFLINE=1 SARA_REQUIRE_BROWSER=$(SARA_REQUIRE_BROWSER) $(BIN)/pytest -q
+
+# The documentation site in _docs/ (git-ignored): a page per notebook, with its figures, and a check of both
+# (tools/docs.py: nbdev-docs when Quarto is on the PATH, else nbdev's processed notebooks rendered by nbconvert).
+docs: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/docs.py --check
 
 clean-venv:
 	rm -rf $(VENV)

@@ -55,3 +55,26 @@ print(json.dumps(dict(sara=sara.__file__, data_root=s["data_root"], runs_dir=s["
     assert out["video"] == [17, 3, 64, 64] and out["masks"][1:] == [17, 64, 64]
     assert Path(out["fsdp"]).is_file()
     assert list(work.iterdir()) == []                                       # loading wrote nothing
+
+
+def _readme_block(section: str) -> str:
+    "The ```python block of a README section."
+    text = (ROOT / "README.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return body.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_use_the_library_runs_from_an_empty_folder(wheel, tmp_path):
+    "The README's 'Using the library' block, as written, with the wheel's package and no repository around."
+    site, work = tmp_path / "site", tmp_path / "empty"
+    zipfile.ZipFile(wheel).extractall(site)
+    work.mkdir()
+    code = "import sara\nassert sara.__file__.startswith(%r), sara.__file__\n" % str(site) + _readme_block("Using the library")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SARA_")}
+    env.update(PYTHONPATH=str(site), HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=work, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = work / "runs" / "first"
+    assert (run / "checkpoint" / "transformer.safetensors").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert str(run) in r.stdout and "fsdp.yaml" in r.stdout
+    assert sorted(p.name for p in work.iterdir()) == ["cache", "runs"]         # everything it wrote is in the user's folder
