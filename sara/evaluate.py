@@ -24,14 +24,16 @@ from .sampling import (SAMPLING_DEFAULTS, build_pipeline, noise_seed, sample_cli
 # %% auto #0
 __all__ = ['EVAL_DEFAULTS', 'TEXT_FOLLOWING', 'VBENCH_DIMENSIONS', 'SUITES', 'VBENCH_SAMPLES', 'VBENCH_FLICKER_SAMPLES',
            'VBENCH_NORMALIZE', 'VBENCH_DIM_WEIGHT', 'VBENCH_QUALITY', 'VBENCH_SEMANTIC', 'VBENCH_QUALITY_WEIGHT',
-           'VBENCH_SEMANTIC_WEIGHT', 'RUBRIC', 'VIDEOPHY2_THRESHOLD', 'TOY_SCORE_FILES', 'eval_settings', 'write_json',
-           'vbench_info_path', 'vbench_suite', 'load_suite', 'load_run', 'pixel_stats', 'vbench_backend',
-           'prompt_of_file', 'cluster_bootstrap_ci', 'run_vbench', 'vbench_totals', 'make_rubric', 'judge_prompt',
-           'parse_score', 'TransformersJudge', 'make_tiny_judge_dir', 'judge_videos', 'bootstrap_ci',
+           'VBENCH_SEMANTIC_WEIGHT', 'HELD_OUT_SPLITS', 'DEMO_PROMPT_STREAM', 'RUBRIC', 'VIDEOPHY2_THRESHOLD',
+           'TOY_SCORE_FILES', 'CURVE_METRICS', 'eval_settings', 'write_json', 'vbench_info_path', 'vbench_suite',
+           'load_suite', 'load_run', 'toy_world_kind', 'demo_toy_prompts', 'data_suite', 'pixel_stats',
+           'vbench_backend', 'prompt_of_file', 'cluster_bootstrap_ci', 'run_vbench', 'vbench_totals', 'make_rubric',
+           'judge_prompt', 'parse_score', 'TransformersJudge', 'make_tiny_judge_dir', 'judge_videos', 'bootstrap_ci',
            'aggregate_scores', 'paired_bootstrap', 'paired_rubric', 'videophy2_prompts', 'videophy2_backend',
            'videophy2_scores', 'run_videophy2', 'study_pairs', 'make_study', 'sign_test', 'tally_study',
            'study_rows_scores', 'toy_scores', 'metrics_table', 'paired_table', 'table_html', 'score_bars', 'frame_grid',
-           'write_report', 'evaluate_runs']
+           'write_report', 'check_run_dirs', 'run_curves', 'run_info', 'run_label', 'runs_table', 'training_curves',
+           'evaluate_runs']
 
 # %% ../nbs/evaluate.ipynb #32609f72
 EVAL_DEFAULTS = dict(judge_model="", vbench_dir="", videophy2_prompts="", videophy2_repo="", videophy2_checkpoint="",
@@ -96,7 +98,7 @@ VBENCH_DIMENSIONS = ("subject_consistency", "background_consistency", "temporal_
                      "dynamic_degree", "aesthetic_quality", "imaging_quality", "object_class", "multiple_objects",
                      "human_action", "color", "spatial_relationship", "scene", "temporal_style",
                      "appearance_style", "overall_consistency")  # VBench's 16 dimensions
-SUITES = ("text_following", "vbench")
+SUITES = ("data", "text_following", "vbench")  # "data": prompts from the run's own data domain (`data_suite`), the default
 
 # VBench's standard protocol (github.com/Vchitect/VBench, prompts/README.md "How to Sample Videos for Evaluation"):
 VBENCH_SAMPLES = 5            # videos per prompt, named f"{prompt}-{index}.mp4", index 0..4
@@ -156,12 +158,19 @@ def vbench_suite(
 
 def load_suite(
     name: str = "text_following",  # one of `SUITES`
-    dimensions: list[str] | None = None,  # dimensions to keep (None: all of the suite)
-    n_prompts: int | None = None,  # text_following: this many prompts round-robin over dimensions; vbench: per dimension
+    dimensions: list[str] | None = None,  # dimensions to keep (None: all of the suite; suite "data" has none)
+    n_prompts: int | None = None,  # text_following / data: this many prompts (round-robin over dimensions); vbench: per dimension
+    run_dir: str | Path | None = None,  # suite "data": the run whose data domain gives the prompts
 ) -> tuple[list[dict], list[str]]: # (prompts {id, prompt, dimension, entities}, problems)
     "Load a prompt suite; unknown dimensions and an unavailable VBench become problems, not exceptions."
     if name not in SUITES: raise ValueError(f"unknown prompt suite {name!r}; choose one of {SUITES}")
     if name == "vbench": return vbench_suite(list(dimensions or VBENCH_DIMENSIONS), n_prompts)
+    if name == "data":
+        if run_dir is None: raise ValueError("suite 'data' takes its prompts from a run's data: pass run_dir")
+        prompts, problems = data_suite(run_dir, n_prompts)
+        if dimensions: problems.append(f"suite 'data' has no dimensions (its prompts are the run's data domain); "
+                                       f"ignored: {', '.join(dimensions)}")
+        return prompts, problems
     known = list(TEXT_FOLLOWING)
     dims = known if not dimensions else list(dimensions)
     problems = [f"suite {name!r} has no dimension {d!r} (known: {', '.join(known)}); skipped" for d in dims if d not in known]
@@ -201,6 +210,78 @@ def load_run(
     for m in (models.wan.transformer, models.wan.transformer_2, models.projector):
         if m is not None: m.eval().requires_grad_(False)
     return cfg, models
+
+# %% ../nbs/evaluate.ipynb #5a0cb934
+HELD_OUT_SPLITS = ("held_out", "test", "val", "eval")  # manifest `split` values that suite "data" takes as held out
+DEMO_PROMPT_STREAM = 7919   # second word of the demo toy world's evaluation seeds (make_toy_world seeds with the first only)
+
+def _manifest_lines(path: Path) -> list[dict]:
+    "The raw JSON objects of a JSON Lines manifest (CSV: none; its extra columns are not read)."
+    if path.suffix.lower() != ".jsonl": return []
+    return [json.loads(t) for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+
+def toy_world_kind(
+    manifest: str | Path,  # a clip manifest
+) -> str | None:           # "study" (make_toy_dataset), "demo" (make_toy_world) or None (other data)
+    "Which toy world a manifest holds: its lines carry `toy` scenes (study world), or every entity is a toy name (demo world)."
+    from sara.data import read_manifest
+    from sara.toy import parse_toy_name
+    if any("toy" in o for o in _manifest_lines(Path(manifest))): return "study"
+    def is_toy(e):
+        try: parse_toy_name(e); return True
+        except ValueError: return False
+    return "demo" if all(is_toy(e) for r in read_manifest(manifest, check_files=False) for e in r.entities) else None
+
+def demo_toy_prompts(
+    n: int,                 # number of prompts
+    n_frames: int = 17,     # frames of each clip (the caption names the collisions within them)
+    size: int | tuple[int, int] = 64,  # frame side, or (height, width)
+    seed: int = 0,          # clips come from `SeedSequence([seed, DEMO_PROMPT_STREAM])`, never one make_toy_world uses
+    exclude=(),             # captions to skip (the training captions)
+) -> list[dict]:            # [{id, prompt, dimension="toy_demo", entities}], distinct captions
+    "Prompts of the demo toy world: captions and entities of fresh `render_toy_clip` clips, none of them in `exclude`."
+    from sara.toy import render_toy_clip
+    skip, out = set(exclude), []
+    for child in np.random.SeedSequence([seed, DEMO_PROMPT_STREAM]).spawn(50 * n):
+        if len(out) == n: break
+        _, _, caption, entities = render_toy_clip(np.random.default_rng(child), n_frames, size)
+        if caption in skip: continue
+        skip.add(caption)
+        out.append(dict(id=f"toy-{len(out):03d}", prompt=caption, dimension="toy_demo", entities=list(entities)))
+    return out
+
+def data_suite(
+    run_dir: str | Path,          # a run folder (its config.json names the data, frames and size)
+    n_prompts: int | None = None, # prompts to take (None: as many as the manifest has clips, or its held-out lines)
+    seed: int = 0,                # toy worlds: the seed of the evaluation prompts
+) -> tuple[list[dict], list[str]]: # (prompts {id, prompt, dimension, entities[, held_out, events]}, problems)
+    "The prompts of the run's own data domain: held-out toy prompts for a toy world, else the manifest's captions."
+    from sara.data import read_manifest
+    from sara.toy import toy_prompts
+    rd = Path(run_dir)
+    if not (rd / "config.json").is_file(): return [], [f"suite 'data': {rd} has no config.json, so its data is unknown"]
+    cfg = load_config(rd / "config.json")
+    manifest = Path(cfg.manifest)
+    if not manifest.is_file():
+        return [], [f"suite 'data': the manifest {manifest} of run {rd.name} does not exist; pass suite='text_following' "
+                    "or restore the data"]
+    recs, kind = read_manifest(manifest, check_files=False), toy_world_kind(manifest)
+    n = len(recs) if n_prompts is None else int(n_prompts)
+    size = (cfg.height, cfg.width)
+    if kind == "study":
+        return [dict(id=p["id"], prompt=p["caption"], dimension="toy_held_out", entities=list(p["entities"]),
+                     held_out=p["held_out"], events=p["events"])
+                for p in toy_prompts(n, seed, cfg.n_frames, size, split="held_out")], []
+    if kind == "demo":
+        prompts = demo_toy_prompts(n, cfg.n_frames, size, seed, exclude={r.caption for r in recs})
+        return prompts, ([] if len(prompts) == n else [f"suite 'data': only {len(prompts)} demo-world captions differ from training"])
+    splits = [o.get("split") for o in _manifest_lines(manifest)] or [None] * len(recs)   # one per record, in file order
+    held = [r for r, s in zip(recs, splits) if s in HELD_OUT_SPLITS]
+    problems = [] if held else [f"suite 'data': {manifest} marks no line as held out (field 'split' in {HELD_OUT_SPLITS}); "
+                                "the prompts are training captions"]
+    return [dict(id=f"data-{r.id}", prompt=r.caption, dimension="held_out" if held else "train", entities=list(r.entities))
+            for r in (held or recs)[:n]], problems
+
 
 # %% ../nbs/evaluate.ipynb #22331aed
 def pixel_stats(
@@ -792,6 +873,7 @@ def metrics_table(
     videophy2: dict | None = None,  # {method: `run_videophy2` result}
     toy: dict | None = None,     # {method: `toy_scores` result or None}
     not_run: dict | None = None, # {benchmark: reason} for benchmarks that did not run at all ("vbench", "videophy2", "rubric", "toy")
+    failed: dict | None = None,  # {method: reason} for runs that could not be sampled: their empty cells say so, never "n/a"
 ) -> tuple[list[str], list[list[str]]]:  # (column names, rows of cells: method then one cell per metric)
     """Methods x metrics: VBench dimensions with intervals and its quality / semantic / total scores, VideoPhy-2 SA / PC /
     joint, rubric means with intervals (and unparsed counts), the toy study's metrics, pixel stats; "not run: why" where
@@ -823,7 +905,8 @@ def metrics_table(
         for k in ("pixel_stability", "motion_energy"): put(m, k, _fmt(float(np.mean([s[k] for s in stats])), 4) if stats else "n/a")
     for b, why in nr.items():
         if not any(c.startswith(f"{b}:") for c in cols): cols.append(f"{b}")
-    rows = [[m, *(cell.get((m, c), f"not run: {nr[c]}" if c in nr else "n/a") for c in cols)] for m in methods]
+    def empty(m, c): return f"not run: {nr[c]}" if c in nr else "not sampled (see problems)" if m in (failed or {}) else "n/a"
+    rows = [[m, *(cell[(m, c)] if (m, c) in cell else empty(m, c) for c in cols)] for m in methods]
     return ["method", *cols], rows
 
 def paired_table(
@@ -886,10 +969,11 @@ def write_report(
     problems: list[str],     # everything that could not be done, and why
     extra: dict | None = None,  # JSON-serialisable details saved in report.json
     tables: list = (),       # further [(heading, (columns, rows))] after the main table (e.g. paired differences)
+    runs: tuple | None = None,  # `runs_table(...)`: what each run is (method, routing, saliency), shown first
 ) -> Path:                   # report.html (report.json beside it)
     "Write report.html (plotly.js inlined once, works offline) and report.json, atomically."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    parts = [f"<h1>{html.escape(title)}</h1>", "<h2>Problems</h2>",
+    parts = [f"<h1>{html.escape(title)}</h1>"] + (["<h2>Runs</h2>", table_html(*runs)] if runs else []) + ["<h2>Problems</h2>",
              "<ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in problems) + "</ul>" if problems else "<p>none</p>",
              "<h2>Methods x metrics</h2>", table_html(*table)]
     for head, t in tables: parts += [f"<h2>{html.escape(head)}</h2>", table_html(*t)]
@@ -898,8 +982,86 @@ def write_report(
     page = f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head><body>{"".join(parts)}</body></html>'
     with atomic_path(out / "report.html", overwrite=True) as tmp: Path(tmp).write_text(page, encoding="utf-8")
     write_json(out / "report.json", dict(title=title, columns=table[0], rows=table[1], problems=problems,
+                                         runs=dict(columns=runs[0], rows=runs[1]) if runs else None,
                                          tables={h: dict(columns=t[0], rows=t[1]) for h, t in tables}, **(extra or {})))
     return out / "report.html"
+
+
+# %% ../nbs/evaluate.ipynb #4e659543
+def check_run_dirs(
+    run_dirs: list[str | Path],  # run folders to evaluate
+) -> list[Path]:                 # the same folders, as paths
+    "FileNotFoundError naming every run folder that does not exist; ValueError for two runs with one folder name (their labels)."
+    rds = [Path(r) for r in run_dirs]
+    missing = [f"{r} (resolved: {r.resolve()})" for r in rds if not r.is_dir()]
+    if missing: raise FileNotFoundError(f"run folder(s) do not exist: {'; '.join(missing)}")
+    names = [r.name for r in rds]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup: raise ValueError(f"runs are labelled by their folder name, and {dup} name more than one run: {[str(r) for r in rds]}")
+    return rds
+
+def run_curves(
+    run_dir: str | Path,  # a run folder written by `sara.train.train`
+) -> list[dict]:          # the training rows of metrics.jsonl (those with a flow-matching loss), in order
+    "A run's training curves; FileNotFoundError naming the folder when it has no metrics.jsonl."
+    from sara.train import read_metrics
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.is_file(): raise FileNotFoundError(f"run folder {run_dir} has no metrics.jsonl")
+    return [r for r in read_metrics(f) if "fm" in r]
+
+def run_info(
+    run_dir: str | Path,  # a run folder
+) -> dict:                # run, method, routing, saliency, data, steps, fm, trd (final values), problem ("" when complete)
+    "What a run is (method, routing, saliency source, data, from its config.json) and where its training ended."
+    rd = Path(run_dir)
+    out = dict(run=rd.name, method="unknown", routing="unknown", saliency="unknown", data="unknown", steps=None, fm=None, trd=None, problem="")
+    try: cfg = load_config(rd / "config.json")
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        out["problem"] = f"run {rd}: no readable config.json ({type(e).__name__}: {e})"; return out
+    op = cfg.routing_op
+    out.update(method=cfg.method, routing=op or "none", saliency=cfg.saliency if op not in (None, "uniform") else "not used",
+               data=str(cfg.manifest))
+    try: rows = run_curves(rd)
+    except (FileNotFoundError, ValueError) as e: out["problem"] = str(e); rows = []
+    if rows: out.update(steps=rows[-1]["step"], fm=rows[-1]["fm"], trd=rows[-1]["trd"])
+    return out
+
+def run_label(
+    info: dict,  # `run_info(...)`
+) -> str:        # e.g. "sara (sara, or routing on masks saliency)"
+    "A run's name with its method and routing, for titles and legends."
+    how = [info["method"]]
+    if info["routing"] not in ("none", "unknown"): how.append(f"{info['routing']} routing")
+    if info["saliency"] not in ("not used", "unknown"): how[-1] += f" on {info['saliency']} saliency"
+    return f"{info['run']} ({', '.join(how)})"
+
+def runs_table(
+    infos: list[dict],  # `run_info` of each run
+) -> tuple[list[str], list[list[str]]]:  # (columns, one row per run)
+    "Runs side by side: method, routing, saliency source, data, steps and final losses."
+    cols = ["run", "method", "routing", "saliency", "data", "steps", "final flow matching", "final TRD"]
+    return cols, [[i["run"], i["method"], i["routing"], i["saliency"], i["data"], _fmt(i["steps"]), _fmt(i["fm"], 4), _fmt(i["trd"], 4)]
+                  for i in infos]
+
+CURVE_METRICS = dict(fm="flow matching", trd="TRD")  # metrics.jsonl key -> panel title of `training_curves`
+
+def training_curves(
+    curves: dict,            # {run label: rows of metrics.jsonl (step and the `CURVE_METRICS` keys)}
+    title: str = "Training curves",  # figure title
+) -> go.Figure:              # one panel per metric, one trace per run and metric, a run's colour the same in both
+    "The runs' training curves overlaid: flow matching and TRD against the step."
+    fig = make_subplots(rows=1, cols=len(CURVE_METRICS), subplot_titles=list(CURVE_METRICS.values()), horizontal_spacing=0.08)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+    for k, (label, rows) in enumerate(curves.items()):
+        for c, key in enumerate(CURVE_METRICS, 1):
+            fig.add_trace(go.Scatter(x=[r["step"] for r in rows], y=[r.get(key) for r in rows], mode="lines", name=label,
+                                     legendgroup=label, showlegend=c == 1, line=dict(color=palette[k % len(palette)]),
+                                     hovertemplate=f"{label}<br>step %{{x}}<br>{CURVE_METRICS[key]} %{{y:.4f}}<extra></extra>"),
+                          row=1, col=c)
+        fig.update_xaxes(title_text="step")
+    fig.update_layout(title=title, height=360, width=1000, margin=dict(l=50, r=20, t=70, b=90),
+                      legend=dict(orientation="h", x=0, y=-0.22, yanchor="top"))
+    return fig
 
 
 # %% ../nbs/evaluate.ipynb #be91ce4c
@@ -922,7 +1084,7 @@ def _sample_benchmarks(rd, plan: dict, out: Path, seeds, overrides: dict, device
 def evaluate_runs(
     run_dirs: list[str],          # run folders (`runs/<name>`); the first that samples is the paired baseline
     out_dir: str | Path,          # evaluation folder: samples/, vbench/, videophy2/, study/, report.html, report.json
-    suite: str = "text_following",  # rubric prompt suite (`SUITES`)
+    suite: str = "data",          # rubric prompt suite (`SUITES`; "data": the first run's data domain, `data_suite`)
     dimensions: list[str] | None = None,  # suite dimensions (None: all)
     n_prompts: int | None = 4,    # rubric prompts taken from the suite (None: all)
     seeds: list[int] = (0,),      # rubric evaluation seeds
@@ -943,11 +1105,21 @@ def evaluate_runs(
     study_seed: int = 0,          # user-study shuffling seed
     progress: bool = False,       # diffusers progress bars
 ) -> dict:                        # report (html path), table, rubric, paired, vbench, videophy2, toy, benchmarks, problems, ...
-    "Sample every benchmark on fixed noise, score, compare paired, and write one report whatever fails along the way."
+    """Sample every benchmark on fixed noise, score, compare paired, and write one report whatever fails along the way;
+    a run folder that does not exist stops it first (FileNotFoundError naming it)."""
+    rds = check_run_dirs(run_dirs)
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     st = eval_settings()
     judge_model, vbench_dir = judge_model or st["judge_model"], vbench_dir or st["vbench_dir"]
-    prompts, problems = load_suite(suite, dimensions, n_prompts)
+    infos = [run_info(rd) for rd in rds]
+    problems = [i["problem"] for i in infos if i["problem"]]
+    known = [(rd, i) for rd, i in zip(rds, infos) if i["data"] != "unknown"]
+    if suite == "data":   # the prompts of the first run whose data is known; the others should share it to be compared
+        problems += [f"run {i['run']} trained on {i['data']}, but the prompts come from {known[0][1]['data']} (run {known[0][1]['run']})"
+                     for _, i in known[1:] if i["data"] != known[0][1]["data"]]
+        if not known: problems.append("suite 'data': no run has a readable config.json, so there is no data domain to take prompts from")
+    prompts, pr = ([], []) if suite == "data" and not known else load_suite(suite, dimensions, n_prompts, run_dir=known[0][0] if known else None)
+    problems += pr
     if not prompts: problems.append(f"suite {suite!r} gave no prompts; nothing was sampled for the rubric")
     vb_prompts = []
     if vbench_dimensions:
@@ -956,13 +1128,15 @@ def evaluate_runs(
     vp_prompts, vp_pr = videophy2_prompts(videophy2_file or st["videophy2_prompts"], videophy2_n); problems += vp_pr
     plan = dict(rubric=(prompts, "id", "samples"), vbench=(vb_prompts, "vbench", "vbench/videos"),
                 videophy2=(vp_prompts, "id", "videophy2/videos"))
-    entries, settings, methods = {b: {} for b in plan}, {}, []
-    for rd in run_dirs:
-        methods.append(Path(rd).name)
+    entries, settings, methods, failed = {b: {} for b in plan}, {}, [], {}
+    for rd in rds:
+        methods.append(rd.name)
         try:
-            label, settings[Path(rd).name], got = _sample_benchmarks(rd, plan, out, seeds, dict(sampling or {}), device, progress)
+            label, settings[rd.name], got = _sample_benchmarks(rd, plan, out, seeds, dict(sampling or {}), device, progress)
             for b, es in got.items(): entries[b][label] = es
-        except Exception as e: problems.append(f"run {rd}: {type(e).__name__}: {e} (its row is empty)")
+        except Exception as e:
+            failed[rd.name] = f"{type(e).__name__}: {e}"
+            problems.append(f"run {rd}: {failed[rd.name]} (not sampled; its row says so)")
     folders = {m: out / "samples" / m for m in entries["rubric"]}
     pixel = {m: [pixel_stats(load_video(folders[m] / e["file"])) for e in es] for m, es in entries["rubric"].items()}
     baseline = next(iter(entries["rubric"]), None)
@@ -1016,8 +1190,8 @@ def evaluate_runs(
             if vb[baseline].get("videos", {}).get(d):
                 paired.append(dict(method=m, baseline=baseline, dimension=f"vbench:{d}", **paired_bootstrap(per, vb[baseline]["videos"][d], n_boot)))
     toy = {}
-    for rd in run_dirs:
-        try: toy[Path(rd).name] = toy_scores(rd, toy_study or None, n_boot)
+    for rd in rds:
+        try: toy[rd.name] = toy_scores(rd, toy_study or None, n_boot)
         except (ValueError, json.JSONDecodeError) as e: problems.append(f"toy scores of {rd}: {e}")
     if not any(toy.values()): not_run["toy"] = f"no run folder holds {' or '.join(TOY_SCORE_FILES)} and no toy study scores.json names a run (toy_study)"
     study = None
@@ -1025,8 +1199,9 @@ def evaluate_runs(
     else: not_run["study"] = "fewer than two runs with samples"
     if vb and not any(r["ran"] for r in vb.values()): not_run["vbench"] = "; ".join(sorted({w for r in vb.values() for w in r["not_run"].values()}))
     if vp and all(r["not_run"] for r in vp.values()): not_run["videophy2"] = "; ".join(sorted({r["not_run"] for r in vp.values()}))
-    table = metrics_table(methods, rubric_rows, vb, pixel, vp, toy, not_run)
-    figs = []
+    table = metrics_table(methods, rubric_rows, vb, pixel, vp, toy, not_run, failed)
+    curves = {run_label(i): run_curves(rd) for rd, i in zip(rds, infos) if i["steps"] is not None}
+    figs = [("Training curves (flow matching and TRD of every run)", training_curves(curves))] if curves else []
     if rubric_rows: figs.append(("VLM rubric", score_bars(rubric_rows)))
     for b, (_, _, sub) in plan.items():   # one grid per benchmark: its first sample, every run, the same prompt and noise
         if not entries[b]: continue
@@ -1036,14 +1211,14 @@ def evaluate_runs(
                      frame_grid(vids, title=f"{e0['prompt_id'][:60]}, seed {e0['seed']}")))
     benchmarks = {b: (f"not run: {not_run[b]}" if b in not_run else "ran") for b in ("vbench", "videophy2", "rubric", "toy", "study")}
     tables = [("Paired differences against the baseline (same prompts and noise)", paired_table(paired))] if paired else []
-    report = write_report(out, f"Comparison of {', '.join(methods)}", table, figs, problems, tables=tables,
-                          extra=dict(benchmarks=benchmarks, rubric=rubric_rows, paired=paired, vbench=vb,
+    report = write_report(out, f"Comparison of {', '.join(run_label(i) for i in infos)}", table, figs, problems, tables=tables,
+                          runs=runs_table(infos), extra=dict(run_info=infos, benchmarks=benchmarks, rubric=rubric_rows, paired=paired, vbench=vb,
                                      vbench_totals={m: vbench_totals(r["ran"]) for m, r in vb.items()},
                                      videophy2={m: {k: v for k, v in r.items() if k != "per_video"} for m, r in vp.items()},
                                      toy=toy, suite=suite, prompts=prompts, seeds=list(seeds), sampling=settings,
                                      judge=judge_info, baseline=baseline, study=study))
     write_json(out / "judge_records.json", records)
-    return dict(report=report, table=table, rubric=rubric_rows, records=records, paired=paired, vbench=vb, videophy2=vp,
+    return dict(report=report, runs=infos, table=table, rubric=rubric_rows, records=records, paired=paired, vbench=vb, videophy2=vp,
                 toy=toy, benchmarks=benchmarks, problems=problems, entries=entries["rubric"], all_entries=entries,
                 folders=folders, figures=figs, study=study, sampling=settings)
 

@@ -8,9 +8,9 @@ import torch
 from sara.config import make_config, site_settings
 from sara.data import load_video
 from sara.toy import make_toy_world
-from sara.evaluate import (aggregate_scores, build_pipeline, judge_videos, load_run, load_suite, make_rubric, make_study,
-                           noise_seed, parse_score, run_vbench, sample_videos, sign_test, study_pairs, tally_study,
-                           vbench_info_path, vbench_suite, VBENCH_DIMENSIONS)
+from sara.evaluate import (aggregate_scores, build_pipeline, evaluate_runs, judge_videos, load_run, load_suite, make_rubric,
+                           make_study, noise_seed, parse_score, run_vbench, sample_videos, sign_test, study_pairs, tally_study,
+                           vbench_info_path, vbench_suite, TEXT_FOLLOWING, VBENCH_DIMENSIONS)
 from sara.sampling import sample_name
 from sara.train import train
 
@@ -33,24 +33,35 @@ def runs(tmp_path_factory):
     return out
 
 
+def _papermill(tmp_path, *params):
+    "Run nbs/evaluate.ipynb through papermill's command line (cwd nbs/, as the README says) with `-p` pairs."
+    cmd = [sys.executable, "-m", "papermill", "--cwd", str(ROOT / "nbs"), str(ROOT / "nbs" / "evaluate.ipynb"), str(tmp_path / "ev.ipynb"),
+           *[x for k, v in zip(params[::2], params[1::2]) for x in ("-p", k, str(v))], "--log-level", "ERROR"]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _is_toy_prompt(p):
+    from sara.toy import parse_toy_name
+    return all(parse_toy_name(e) for e in p["entities"]) and not any(w in p["prompt"] for w in ("dog", "sofa", "cat"))
+
+
 def test_notebook_end_to_end_with_bad_inputs(runs, tmp_path):
-    "papermill runs nbs/evaluate.ipynb on two toy runs plus a run without checkpoint, an unknown suite dimension and a tiny random judge."
+    """papermill runs nbs/evaluate.ipynb on two toy runs plus a run without checkpoint, a suite dimension the default suite
+    does not have and a tiny random judge; the prompts are toy prompts, the report names each run's method and routing
+    and overlays the training curves."""
     out = tmp_path / "eval"
     vp = tmp_path / "videophy2_test.csv"   # VideoPhy-2's test-set columns (caption, is_hard); two prompts, one sampled
     vp.write_text('caption,is_hard\n"A ball rolls off a table and bounces on the floor.",1\nWater pours into a glass.,0\n')
     (runs["sara"] / "toy_scores.json").write_text(json.dumps({"fg_flow_epe": {"mean": 0.4, "lo": 0.3, "hi": 0.5}}))
-    cmd = [sys.executable, "-m", "papermill", "--cwd", str(ROOT / "nbs"), str(ROOT / "nbs" / "evaluate.ipynb"), str(tmp_path / "ev.ipynb"),
-           "-p", "run_dirs", f"{runs['sft']},{runs['sara']},{runs['broken']}", "-p", "out_dir", str(out),
-           "-p", "dimensions", "interaction,smell", "-p", "n_prompts", "2", "-p", "steps", "2", "-p", "judge_model", "tiny",
-           "-p", "rubric", "entity_presence,interactions,motion_quality", "-p", "vbench_dimensions", "color",
-           "-p", "vbench_prompts", "1", "-p", "videophy2_file", str(vp), "-p", "videophy2_n", "1",
-           "-p", "n_boot", "200", "--log-level", "ERROR"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    r = _papermill(tmp_path, "run_dirs", f"{runs['sft']},{runs['sara']},{runs['broken']}", "out_dir", out,
+                   "dimensions", "smell", "n_prompts", 2, "steps", 2, "judge_model", "tiny",
+                   "rubric", "entity_presence,interactions,motion_quality", "vbench_dimensions", "color",
+                   "vbench_prompts", 1, "videophy2_file", vp, "videophy2_n", 1, "n_boot", 200)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
     probs = "\n".join(rep["problems"])
     assert "has no checkpoint export" in probs and "broken" in probs             # run without checkpoint
-    assert "no dimension 'smell'" in probs                                       # unknown suite dimension
+    assert "suite 'data' has no dimensions" in probs and "ignored: smell" in probs  # a dimension the suite does not have
     assert "were not a score" in probs                                           # judge answers that are not scores
     assert "VBench color" in probs and "not run" in probs                       # VBench reported, not zeroed
     assert set(rep["benchmarks"]) == {"vbench", "videophy2", "rubric", "toy", "study"}
@@ -71,13 +82,20 @@ def test_notebook_end_to_end_with_bad_inputs(runs, tmp_path):
         assert [e["noise_seed"] for e in idx] == [noise_seed(vb_prompt["prompt"], i) for i in range(5)]
         assert len(json.loads((out / "videophy2" / "videos" / m / "index.json").read_text())) == 1
     assert set(rows) == {"sft", "sara", "broken"}
-    assert all(v == "n/a" for k, v in rows["broken"].items() if k != "method")
+    assert all(v == "not sampled (see problems)" or v.startswith("not run: ") for k, v in rows["broken"].items() if k != "method")
+    info = {i["run"]: i for i in rep["run_info"]}                                # method, routing, saliency from each config.json
+    assert [(info[m]["method"], info[m]["routing"], info[m]["saliency"]) for m in ("sft", "sara", "broken")] == [
+        ("sft", "none", "not used"), ("sara", "or", "masks"), ("unknown", "unknown", "unknown")]
+    assert rep["runs"]["rows"][1][:4] == ["sara", "sara", "or", "masks"] and info["sara"]["steps"] == 2
+    assert rep["title"] == "Comparison of sft (sft), sara (sara, or routing on masks saliency), broken (unknown)"
+    assert rep["suite"] == "data" and all(_is_toy_prompt(p) for p in rep["prompts"]), rep["prompts"]
+    assert rep["prompts"] == load_suite("data", n_prompts=2, run_dir=runs["sft"])[0]
     for m in ("sft", "sara"):
         assert 0 < float(rows[m]["pixel_stability"]) <= 1
         assert "unparsed" in rows[m]["judge:entity_presence"] or rows[m]["judge:entity_presence"][0].isdigit()
         assert rows[m]["vbench:color"].startswith("not run")
         idx = json.loads((out / "samples" / m / "index.json").read_text())
-        assert [e["prompt_id"] for e in idx] == ["interaction-000", "interaction-001"]
+        assert [e["prompt_id"] for e in idx] == ["toy-000", "toy-001"]
         assert all(load_video(out / "samples" / m / e["file"]).shape == (17, 3, 64, 64) for e in idx)
     recs = json.loads((out / "judge_records.json").read_text())
     assert len(recs) == 2 * 2 * 3 and all(r["score"] is None or 1 <= r["score"] <= 5 for r in recs)
@@ -85,9 +103,16 @@ def test_notebook_end_to_end_with_bad_inputs(runs, tmp_path):
     page = (out / "study" / "index.html").read_text()
     assert "sft" not in page and "sara" not in page and len(json.loads((out / "study" / "key.json").read_text())["trials"]) == 2
     html = (out / "report.html").read_text()
+    assert "<h2>Runs</h2>" in html and "Training curves" in html
     assert "Methods x metrics" in html and "plotly" in html.lower() and "Frames (rubric)" in html and "Frames (vbench)" in html and "Frames (videophy2)" in html
     nb = json.loads((tmp_path / "ev.ipynb").read_text())
-    assert any("application/vnd.plotly" in json.dumps(c.get("outputs", [])) for c in nb["cells"])
+    figs = [o["data"] for c in nb["cells"] for o in c.get("outputs", []) if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert figs and all("sara-fig-" in "".join(f.get("text/html", "")) for f in figs)   # each figure also as HTML (nbconvert)
+    (curves,) = [f["application/vnd.plotly.v1+json"] for f in figs
+                 if f["application/vnd.plotly.v1+json"]["layout"]["title"]["text"] == "Training curves"]
+    traces = [(t["name"], t["xaxis"]) for t in curves["data"]]                  # one trace per run and metric (fm | TRD)
+    assert sorted(traces) == sorted((n, ax) for n in ("sft (sft)", "sara (sara, or routing on masks saliency)") for ax in ("x", "x2"))
+    assert all(len(t["x"]) == 2 for t in curves["data"])                         # both steps of each run
 
 
 def test_fixed_noise_per_prompt(runs, tmp_path):
@@ -239,3 +264,31 @@ def test_paired_statistics_use_the_pairing():
     _, alo, ahi = bootstrap_ci(list(a.values()), 2000); _, blo, bhi = bootstrap_ci(list(b.values()), 2000)
     assert alo < bhi                                                       # unpaired: the intervals overlap
     assert paired_bootstrap({**a, "only_a": 9.0}, b)["n"] == 30                # unmatched keys are dropped
+
+
+def test_toy_runs_get_toy_prompts(runs, tmp_path):
+    "The default suite of a toy run: prompts of its toy world (new clips of the demo world; held-out study-world prompts), never the dog/sofa suite."
+    from sara.config import save_config
+    from sara.data import read_manifest
+    from sara.toy import make_toy_dataset, toy_prompts
+    prompts, problems = load_suite("data", n_prompts=3, run_dir=runs["sft"])
+    train_caps = {r.caption for r in read_manifest(runs["base"] / "data" / "manifest.jsonl")}
+    dog_sofa = {p for d in TEXT_FOLLOWING.values() for p, _ in d}
+    assert problems == [] and len(prompts) == 3 and all(_is_toy_prompt(p) for p in prompts)
+    assert not {p["prompt"] for p in prompts} & (train_caps | dog_sofa)
+    make_toy_dataset(tmp_path / "study", 2, n_frames=17, size=64, with_flow=False)   # a run on the study world: config.json is enough
+    cfg = make_config(dict(run_name="st", data_root=str(tmp_path / "study"), runs_dir=str(tmp_path)), settings=site_settings(ROOT, env={}))
+    save_config(cfg, tmp_path / "st" / "config.json")
+    prompts, problems = load_suite("data", n_prompts=2, run_dir=tmp_path / "st")
+    assert [p["prompt"] for p in prompts] == [p["caption"] for p in toy_prompts(2, 0, 17, 64, split="held_out")]
+    assert all(p["held_out"] and _is_toy_prompt(p) for p in prompts)
+
+
+def test_missing_run_folder_is_an_error(runs, tmp_path):
+    "A run folder that does not exist (a typo) stops the evaluation naming it, in the API and the papermill notebook; no report is written."
+    typo = runs["base"] / "runs" / "sarra"
+    with pytest.raises(FileNotFoundError, match="sarra"): evaluate_runs([str(runs["sft"]), str(typo)], tmp_path / "api")
+    assert not (tmp_path / "api").exists()
+    r = _papermill(tmp_path, "run_dirs", f"{runs['sft']},{typo}", "out_dir", tmp_path / "nb", "steps", 1)
+    assert r.returncode != 0 and "do not exist" in r.stderr and str(typo) in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "nb" / "report.json").exists()
