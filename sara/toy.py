@@ -20,11 +20,12 @@ from .data import atomic_path, flow_path, save_flow, save_masks, write_video
 
 # %% auto #0
 __all__ = ['TOY_BACKGROUND', 'TOY_COLOURS', 'TOY_SHAPES', 'TOY_EXTENTS', 'TOY_AREA', 'TOY_RADIUS', 'TOY_SPEED', 'TOY_OCCLUSION',
-           'TOY_LAYERS', 'TOY_HELD_OUT', 'TOY_TOL', 'TOY_ACCEL_TOL', 'TOY_CORRUPTIONS', 'render_toy_clip',
-           'render_toy_clip_with_flow', 'make_toy_world', 'write_toy_flow', 'toy_name', 'parse_toy_name', 'toy_combos',
-           'toy_split', 'toy_event_caption', 'simulate_toy_scene', 'render_toy_scene', 'toy_clip', 'toy_scenes',
-           'toy_batch', 'toy_prompts', 'make_toy_dataset', 'toy_colour_labels', 'toy_min_area', 'toy_observe',
-           'parse_toy_caption', 'score_toy_clip', 'score_toy_batch', 'corrupt_toy_clip', 'frechet_distance']
+           'TOY_IMPULSE', 'TOY_LAYERS', 'TOY_HELD_OUT', 'TOY_TOL', 'TOY_ACCEL_TOL', 'TOY_CORRUPTIONS',
+           'render_toy_clip', 'render_toy_clip_with_flow', 'make_toy_world', 'write_toy_flow', 'toy_name',
+           'parse_toy_name', 'toy_combos', 'toy_split', 'toy_event_caption', 'simulate_toy_scene', 'render_toy_scene',
+           'toy_clip', 'toy_scenes', 'toy_batch', 'toy_prompts', 'make_toy_dataset', 'toy_colour_labels',
+           'toy_min_area', 'toy_observe', 'parse_toy_caption', 'score_toy_clip', 'score_toy_batch', 'corrupt_toy_clip',
+           'frechet_distance']
 
 # %% ../nbs/toy.ipynb #80c98b3f
 TOY_BACKGROUND = (16, 16, 24)
@@ -180,6 +181,7 @@ TOY_AREA = {"circle": math.pi, "square": 2.56, "triangle": 3 * math.sqrt(3) / 4}
 TOY_RADIUS = (0.07, 0.10)     # bounding radius, a fraction of the frame's shorter side
 TOY_SPEED = (0.02, 0.04)      # speed in frame sides per frame
 TOY_OCCLUSION = 0.10          # an occlusion event: the front shape covers >= 10 % of the back shape's area
+TOY_IMPULSE = TOY_SPEED[0]    # a collision is told when it changes the relative velocity by >= this (side / frame)
 TOY_LAYERS = ("back", "front")
 
 def toy_name(colour: str, shape: str) -> str: return f"{colour} {shape}"
@@ -288,7 +290,8 @@ def _toy_advance(pos, vel, r, lo, hi, same_layer, t0: int, events: list, max_eve
             n = (pos[j] - pos[i]) / np.linalg.norm(pos[j] - pos[i])
             dv = ((vel[i] - vel[j]) @ n) * n
             vel[i] -= dv; vel[j] += dv
-            events.append({"type": "collide", "time": when, "frame": min(int(when), t0), "entities": [i, j]})
+            events.append({"type": "collide", "time": when, "frame": min(int(when), t0), "entities": [i, j],
+                           "impulse": float(2 * np.linalg.norm(dv))})             # change of the relative velocity
     raise RuntimeError(f"more than {max_events} events in one frame step (frame {t0}): shapes are stuck")
 
 # %% ../nbs/toy.ipynb #e84940a1
@@ -310,13 +313,13 @@ def _join(items: list[str]) -> str: return items[0] if len(items) == 1 else ", "
 
 def toy_event_caption(
     names: list[str],    # entity names, "<colour> <shape>"
-    events: list[dict],  # events with 'type' in {'collide', 'occlude', 'wall'}, 'time' and 'entities'
+    events: list[dict],  # events with 'type' in {'collide', 'occlude', 'wall'}, 'time', 'entities' ('told': False leaves one out)
 ) -> str:                # the caption
     "Caption naming every entity and the first collision / occlusion of each pair, in time order."
     said, clauses, pairs = set(), [], set()
     def say(k):
         out = ("the " + names[k]) if k in said else _article(names[k]); said.add(k); return out
-    for ev in sorted((e for e in events if e["type"] in ("collide", "occlude")), key=lambda e: e["time"]):
+    for ev in sorted((e for e in events if e["type"] in ("collide", "occlude") and e.get("told", True)), key=lambda e: e["time"]):
         i, j = ev["entities"]
         if frozenset((i, j)) in pairs: continue
         pairs.add(frozenset((i, j)))
@@ -387,6 +390,9 @@ def simulate_toy_scene(
                 if cover >= TOY_OCCLUSION:
                     events.append({"type": "occlude", "time": float(t), "frame": t, "entities": [front, back], "cover": round(cover, 3)})
     events.sort(key=lambda e: (e["time"], e["type"]))
+    for e in events:                                                 # what a viewer can see: a frame before and after
+        if e["type"] == "collide": e["told"] = 1 <= e["time"] <= n_frames - 2 and e["impulse"] >= TOY_IMPULSE * side
+        if e["type"] == "occlude": e["told"] = True
     names = [toy_name(*c) for c in combos]
     entities = [{"name": names[k], "colour": combos[k][0], "shape": shapes[k], "radius": float(r[k]),
                  "layer": int(layer[k]), "depth": depth[k], "held_out": tuple(combos[k]) in {tuple(x) for x in held_out},
@@ -498,11 +504,11 @@ def toy_prompts(
     split: str = "held_out",        # 'held_out' by default: each prompt names at least one held-out combination
     n_shapes: tuple[int, int] = (2, 4), # as in `toy_batch`
     held_out=TOY_HELD_OUT,          # the held-out (colour, shape) combinations
-) -> list[dict]:                    # [{'id', 'caption', 'entities' (names), 'held_out' (names), 'events'}]
+) -> list[dict]:                    # [{'id', 'caption', 'entities' (names), 'held_out' (names), 'events' (the told ones)}]
     "Prompt list for evaluation: the captions and entities of `toy_scenes`, with the held-out entities named."
     return [{"id": s["id"], "caption": s["caption"], "entities": s["names"],
              "held_out": [e["name"] for e in s["entities"] if e["held_out"]],
-             "events": [e for e in s["events"] if e["type"] != "wall"]}
+             "events": [e for e in s["events"] if e.get("told")]}
             for s in toy_scenes(n, seed, n_frames, size, split, n_shapes, held_out)]
 
 # %% ../nbs/toy.ipynb #edacebb0
@@ -713,20 +719,21 @@ def _motion_score(o: dict, tr: dict, shape: str, r: float, others: list, H: int,
     return good / len(steps)
 
 # %% ../nbs/toy.ipynb #d9ba5d99
-def _collision_seen(ci, cj, R: float, vmax: float) -> float:
+def _collision_seen(ci, cj, R: float, vmax: float, min_change: float, margin: int = 1) -> float:
     "1 if the centres reach contact while approaching, then separate with a changed relative velocity, all at plausible speeds."
-    d = ci - cj                                                        # T, 2 relative position (nan where untrusted)
+    d = ci - cj                                                        # T, 2 relative position (nan where not detected)
     D = np.linalg.norm(d, axis=1)
     T = len(D)
-    for t in range(1, T - 1):
-        win = [s for s in range(t - 2, t + 3) if 0 <= s < T]
-        if not np.isfinite(D[t - 1:t + 2]).all(): continue
-        steps = np.linalg.norm(np.diff(d[t - 1:t + 2], axis=0), axis=1)
-        if steps.max() > vmax: continue
-        if not (0.7 * R <= D[t] <= 1.15 * R + 0.5 * steps.max()): continue      # contact, no interpenetration
+    ok = lambda s: 0 <= s < T and np.isfinite(D[s])
+    for t in range(margin, T - margin):                                  # contact frames at least `margin` from the ends
+        if not (ok(t - 1) and ok(t) and ok(t + 1)): continue
+        if np.linalg.norm(np.diff(d[t - 1:t + 2], axis=0), axis=1).max() > vmax: continue   # faster than the world allows
+        radial = max(abs(D[t] - D[t - 1]), abs(D[t + 1] - D[t]))
+        if not (0.7 * R <= D[t] <= 1.1 * R + 0.5 * radial + 1.0): continue     # contact (between frames), no interpenetration
         if not (D[t - 1] > D[t] < D[t + 1]): continue                            # approach, then separation
-        pre = d[t] - d[t - 1]; post = d[t + 1] - d[t]
-        if np.linalg.norm(post - pre) >= max(1.0, 0.2 * np.linalg.norm(pre)): return 1.0   # the relative velocity changed
+        pre = d[t - 1] - d[t - 2] if ok(t - 2) else d[t] - d[t - 1]            # relative velocity before and after, away
+        post = d[t + 2] - d[t + 1] if ok(t + 2) else d[t + 1] - d[t]           # from the frames that straddle the contact
+        if np.linalg.norm(post - pre) >= max(min_change, 0.1 * np.linalg.norm(pre)): return 1.0   # it changed: a collision
     return 0.0
 
 def _occlusion_seen(of: dict, ob: dict, trf: dict, trb: dict, hidden_b: np.ndarray, loss: float = TOY_OCCLUSION / 2) -> float:
@@ -778,13 +785,15 @@ def score_toy_clip(
               for k, (o, tr, (_, s)) in enumerate(zip(obs, trs, ents))]
     # events
     vmax = 2 * TOY_SPEED[1] * min(H, W)
-    def collide(i, j): return _collision_seen(tracks[i], tracks[j], radius[i] + radius[j], 2 * vmax)
+    def collide(i, j, strict=False):  # every detection (contacts come with overlaps); strict: a spurious one must be clear
+        return _collision_seen(obs[i]["centroid"], obs[j]["centroid"], radius[i] + radius[j], 2 * vmax,
+                               (1.0 if strict else 0.5) * TOY_IMPULSE * min(H, W), margin=2 if strict else 1)
     def occlude(f, b, loss=TOY_OCCLUSION / 2): return _occlusion_seen(obs[f], obs[b], trs[f], trs[b], hidden[b], loss)
     if claims: event = float(np.mean([collide(i, j) if kind == "collide" else occlude(i, j) for kind, i, j in claims]))
     else:
         pairs = [(i, j) for i in range(len(ents)) for j in range(i + 1, len(ents))]
         there = [o["detected"].sum() >= 0.5 * T for o in obs]                   # "nothing happens" needs the entities
-        event = float(np.mean([there[i] and there[j] and 1.0 - max(collide(i, j), occlude(i, j, 1.5 * TOY_OCCLUSION),
+        event = float(np.mean([there[i] and there[j] and 1.0 - max(collide(i, j, strict=True), occlude(i, j, 1.5 * TOY_OCCLUSION),
                                                                    occlude(j, i, 1.5 * TOY_OCCLUSION)) for i, j in pairs])) if pairs else float(there[0])
     out = {"prompt_fidelity": float(sum(fid) / (len(ents) + extra)), "permanence": float(np.mean(perm)),
            "shape_constancy": float(np.mean(const)), "motion_plausibility": float(np.mean(motion)), "event": event}
