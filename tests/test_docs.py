@@ -51,3 +51,17 @@ def test_quarto_front_matter_and_directives_become_plain_html_input():
     c = plain["cells"][0]
     assert c["source"] == "show_doc(f)" and c["metadata"]["tags"] == ["remove_input"]
     assert c["outputs"][0]["data"]["text/markdown"] == "[source](x)"
+
+
+def test_a_page_must_hold_every_section_of_its_notebook(tmp_path, monkeypatch):
+    "nbdev turns a notebook's first markdown cell into front matter: a page that lost its sections fails the check."
+    monkeypatch.setattr(docs, "STAGE", tmp_path)
+    nb = {"cells": [{"cell_type": "markdown", "metadata": {}, "source": "# T\n\n> s\n\n## Running a job\n\n### `sam2`: [box](#x) prompts"}],
+          "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    (tmp_path / "index.ipynb").write_text(json.dumps(nb))
+    assert docs.headings(tmp_path / "index.ipynb") == ["Running a job", "sam2: box prompts"]
+    out = tmp_path / "site"; out.mkdir()
+    (out / "index.html").write_text("<h1>T</h1><p>s</p>")
+    assert "lacks the sections ['Running a job', 'sam2: box prompts']" in docs.check([tmp_path / "index.ipynb"], out, {})[0]
+    (out / "index.html").write_text("<h2>Running a job</h2><h3><code>sam2</code>: <a href='#x'>box</a> prompts</h3>")
+    assert docs.check([tmp_path / "index.ipynb"], out, {}) == []

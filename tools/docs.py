@@ -174,12 +174,33 @@ def drew_figure(path: Path) -> bool:
     return False
 
 
+def headings(nb_path: Path) -> list[str]:
+    "The section headings (## and deeper) of a notebook's markdown cells, as plain text."
+    out = []
+    for c in json.loads(Path(nb_path).read_text())["cells"]:
+        if c["cell_type"] != "markdown": continue
+        for line in "".join(c["source"]).splitlines():
+            if re.match(r"#{2,6} ", line):
+                t = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", line.lstrip("#").strip())   # [text](url) -> text
+                out.append(" ".join(t.replace("`", "").replace("*", "").split()))
+    return out
+
+
+def page_text(page: Path) -> str:
+    "A page's visible text, tags removed, whitespace collapsed."
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", "", page.read_text())).split())
+
+
 def check(files: list[Path], out: Path, executed: dict[str, bool]) -> list[str]:
-    "Every notebook has its page; every executed notebook that drew a figure shows one on its page."
+    "Every notebook has its page with all its section headings; every executed notebook that drew a figure shows one on its page."
     problems = []
     for f in files:
         page = out / f"{f.stem}.html"
         if not page.is_file() or page.stat().st_size == 0: problems.append(f"{f.name}: no page {page}"); continue
+        src = f if f.is_file() else STAGE / f.name
+        text = page_text(page)
+        lost = [h for h in (headings(src) if src.is_file() else []) if " ".join(h.split()) not in text]
+        if lost: problems.append(f"{f.name}: its page {page} lacks the sections {lost[:3]}")
         if not executed.get(f.name): continue
         if not drew_figure(STAGE / f.name): problems.append(f"{f.name}: its figure cells drew no figure when executed (plotly output missing)")
         elif FIGURE_MARK not in page.read_text(): problems.append(f"{f.name}: the notebook drew a figure but its page {page} holds none")
