@@ -305,3 +305,16 @@ def test_frechet_distance_closed_forms():
     assert frechet_distance(torch.tensor(a, dtype=torch.float32), torch.tensor(a)) == pytest.approx(0.0, abs=1e-5)
     with pytest.raises(ValueError, match="feature sizes differ"):
         frechet_distance(a, b[:, :2])
+
+
+def test_caption_tells_exactly_the_told_events():
+    from sara.toy import parse_toy_caption
+    for s in toy_scenes(60, seed=4, n_frames=17, size=128, split="all"):
+        told = {(e["type"], *e["entities"]) for e in s["events"] if e.get("told")}
+        first = {}                                                                  # the caption names each pair once
+        for e in s["events"]:
+            if e.get("told"): first.setdefault(frozenset(e["entities"]), (e["type"], *e["entities"]))
+        assert set(parse_toy_caption(s["caption"], s["names"])) == set(first.values()) and set(first.values()) <= told
+        for e in s["events"]:
+            if e["type"] == "collide":
+                assert e["told"] == (1 <= e["time"] <= 15 and e["impulse"] >= TOY_SPEED[0] * 128)
