@@ -137,15 +137,16 @@ def bench_cell(fn, B, N, D, dtype, grad_y, budget_s):
 
 def auto_table(results):
     """Per (dtype, B, N): the exact implementations' ms, the best, `naive`, the auto pick (the rule in
-    `sara.trd.trd_auto_choice`, fed the free memory recorded at the cell) and its time over the best and over naive."""
+    `sara.trd.trd_auto_choice`, fed the free memory recorded at the cell) and its time over the best exact one, over
+    the exact dense formula (the faster of `reference` and `dense`) and over `naive` (bf16 similarities for bf16)."""
     from sara.trd import trd_auto_choice
     cells = {}
     for r in results:
         cells.setdefault((r["dtype"], r["B"], r["N"]), {})[r["impl"]] = r
     cols = [i for i in IMPLS if i in {r["impl"] for r in results} and i != "compile"]
     lines = [f"{'dtype':5s} {'B':>2s} {'N':>6s} | " + " ".join(f"{c:>9s}" for c in cols) +
-             f" | {'best':>9s} | {'auto pick':>9s} {'auto/best':>9s} {'auto/naive':>10s}"]
-    worst_best = worst_naive = 0.0
+             f" | {'best':>9s} | {'auto pick':>9s} {'auto/best':>9s} {'auto/dense':>10s} {'auto/naive':>10s}"]
+    worst_best = worst_dense = worst_naive = 0.0
     for (dn, B, N), c in cells.items():
         ms = {i: c[i]["ms"] for i in c if isinstance(c[i].get("ms"), float)}
         exact = {i: t for i, t in ms.items() if i in EXACT}
@@ -159,10 +160,14 @@ def auto_table(results):
             continue
         rb = ms[pick] / exact[best]
         rn = ms[pick] / ms["naive"] if "naive" in ms else float("nan")
+        dense = [ms[i] for i in ("reference", "dense") if i in ms]  # the dense formula, exact
+        rd = ms[pick] / min(dense) if dense else float("nan")
         worst_best = max(worst_best, rb)
+        if rd == rd: worst_dense = max(worst_dense, rd)
         if rn == rn: worst_naive = max(worst_naive, rn)
-        lines.append(row + f" | {best:>9s} | {pick:>9s} {rb:9.2f} {rn:10.2f}")
-    lines.append(f"worst auto/best {worst_best:.2f}, worst auto/naive {worst_naive:.2f} (ms per forward+backward step)")
+        lines.append(row + f" | {best:>9s} | {pick:>9s} {rb:9.2f} {rd:10.2f} {rn:10.2f}")
+    lines.append(f"worst auto/best {worst_best:.2f}, auto/dense (the faster of reference and dense) {worst_dense:.2f}, "
+                 f"auto/naive {worst_naive:.2f} (ms per forward+backward step)")
     return "\n".join(lines)
 
 

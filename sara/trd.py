@@ -52,6 +52,28 @@ def trd_exact_math(
             if tf32: torch.backends.cuda.matmul.allow_tf32 = True
 
 
+class _ExactBackward(torch.autograd.Function):
+    """`fn(p, y)` under plain autograd, whose backward also runs inside `trd_exact_math`: autograd runs a backward in
+    the modes active when `backward()` is called, so a backward inside autocast would otherwise multiply in bf16.
+    (The pattern of reentrant checkpointing: a graph on detached inputs, differentiated by `torch.autograd.grad`.)"""
+
+    @staticmethod
+    def forward(ctx, fn, p, y):
+        with torch.enable_grad():
+            ctx.inputs = (p.detach().requires_grad_(p.requires_grad), y.detach().requires_grad_(y.requires_grad))
+            out = fn(*ctx.inputs)
+        ctx.save_for_backward(out)  # holds the inner graph; autograd frees it after the backward (unless retain_graph)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        (p, y), (out,) = ctx.inputs, ctx.saved_tensors
+        need = [t for t in (p, y) if t.requires_grad]
+        with trd_exact_math(g.device):
+            grads = list(torch.autograd.grad(out, need, g, retain_graph=True))  # freed with `out` (see forward)
+        return None, grads.pop(0) if p.requires_grad else None, grads.pop(0) if y.requires_grad else None
+
+
 # %% ../nbs/trd.ipynb #1ae242fd
 def check_trd_inputs(
     p: torch.Tensor,         # B, N, Dp DiT projected features
@@ -107,7 +129,7 @@ def trd_reference(
     "Readable TRD loss: materialises the (B, N, N) relation and weight matrices; plain autograd."
     return _trd_reference(p, y, check_trd_inputs(p, y, w, op, margin, check_finite), op, margin)
 
-def _trd_reference(p, y, w, op, margin):  # `trd_reference` on arguments `check_trd_inputs` has passed
+def _reference_formula(p, y, w, op, margin):  # the loss as written, on checked arguments
     cdt = trd_compute_dtype(p, y)
     with trd_exact_math(p.device):
         ph, yh = F.normalize(p.to(cdt), dim=-1), F.normalize(y.to(cdt), dim=-1)  # B, N, D
@@ -116,6 +138,11 @@ def _trd_reference(p, y, w, op, margin):  # `trd_reference` on arguments `check_
         W = torch.ones_like(d) if w is None else route(w.to(cdt)[:, :, None], w.to(cdt)[:, None, :], op, check=False)  # B, N, N
         z = W.sum()
         return (W * d).sum() / torch.where(z > 0, z, torch.ones_like(z))  # z == 0 means W == 0: loss 0
+
+def _trd_reference(p, y, w, op, margin):  # `trd_reference` on arguments `check_trd_inputs` has passed
+    if torch.is_grad_enabled() and (p.requires_grad or y.requires_grad):  # its backward in float32 too
+        return _ExactBackward.apply(functools.partial(_reference_formula, w=w, op=op, margin=margin), p, y)
+    return _reference_formula(p, y, w, op, margin)
 
 
 # %% ../nbs/trd.ipynb #fb3e5e08
@@ -418,10 +445,9 @@ for _name, _fn in (("reference", _trd_reference), ("chunked", _trd_chunked), ("d
 # %% ../nbs/trd.ipynb #78b732ed
 # Measured on one H200 (bench/README.md, "impl=auto" of 2026-11-30; D = 1024, op "or", p requires grad, B 1 and 4,
 # N 1,024 .. 32,768): the fastest exact implementation goes by the pair count P = B N^2. Up to a few million pairs a
-# step is bound by kernel launches and the plain-autograd reference (fewest kernels) wins; for half inputs the saved
-# dense difference wins next, the fused kernel above; for float32 the dense formula (full-float32 cuBLAS) from there on.
+# step is bound by kernel launches and the plain-autograd reference (fewest kernels) wins; above, half inputs take the
+# fused kernel and float32 the dense formula (full-float32 cuBLAS, faster than the kernel's IEEE products).
 _REFERENCE_MAX_PAIRS = {"half": 2**22, "float": 2**24}  # P = B N^2 up to which "reference" is the fastest
-_DENSE_MAX_PAIRS_HALF = 2**24  # half inputs: "dense" up to here, the fused kernel above
 _REFERENCE_PAIR_BUFFERS = 8    # the reference's peak, in (B, N, N) buffers of the computation dtype (measured 7.1 .. 7.4)
 _DENSE_MEMORY_SHARE = 0.8      # a dense implementation may take at most this share of the memory free at the call
 
@@ -454,9 +480,9 @@ def trd_auto_choice(
     as a function of the pair count P = B N^2. Off CUDA: "chunked" (no N^2 memory). On CUDA a dense implementation is a
     candidate only where it fits in 80 % of `free_bytes` ("reference": 8 (B, N, N) buffers; "dense":
     `trd_dense_bytes(B, N, dtype, D)`). Then "reference" up to P = 2^22 (half inputs) or 2^24 (float32/float64);
-    half inputs take "dense" up to P = 2^24 and "triton" above; float32/float64 take "dense". Where nothing dense
-    fits: "triton" for half and float32 inputs where it runs, else "chunked". D enters the memory estimates only:
-    both sides' products scale with D alike (the crossovers were measured at D = 1024)."""
+    above, half inputs take "triton" (where it runs; else "dense" if it fits) and float32/float64 "dense". Where
+    nothing dense fits: "triton" for half and float32 inputs where it runs, else "chunked". D enters the memory
+    estimates only: both sides' products scale with D alike (the crossovers were measured at D = 1024)."""
     if device_type != "cuda": return "chunked"
     half = dtype in _HALF
     cdt = torch.float32 if half else dtype
@@ -466,7 +492,6 @@ def trd_auto_choice(
         return "reference"
     fits = trd_dense_bytes(B, N, cdt, D) <= budget
     if half:
-        if fits and P <= _DENSE_MAX_PAIRS_HALF: return "dense"
         if triton: return "triton"
         return "dense" if fits else "chunked"
     if fits: return "dense"
@@ -481,6 +506,7 @@ def trd_auto_impl(
     dt = p.dtype if y is None or y.dtype == p.dtype else trd_compute_dtype(p, y)
     D = p.shape[2] + (p.shape[2] if y is None else y.shape[2])
     return trd_auto_choice(p.shape[0], p.shape[1], dt, p.device.type, trd_free_bytes(p.device), _triton_ready(), D)
+
 
 
 

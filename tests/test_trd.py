@@ -219,8 +219,7 @@ def _autocast_case(device, impl, op, in_dtype, backward_inside, seed=3):
     return loss, p.grad, ref, p64.grad
 
 
-AUTOCAST_CPU = [(impl, inside) for impl in ("reference", "chunked", "dense", "auto") for inside in (False, True)
-                if not (impl == "reference" and inside)]  # the reference's backward is plain autograd: it runs in the caller's mode
+AUTOCAST_CPU = [(impl, inside) for impl in ("reference", "chunked", "dense", "auto") for inside in (False, True)]
 
 
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
@@ -244,7 +243,7 @@ def test_auto_rule_measured_crossover():
     # the fastest exact implementation in the H200 table of bench/README.md (2026-11-30), by pair count B N^2
     bf, f32 = torch.bfloat16, torch.float32
     want = {(bf, 1, 1024): "reference", (bf, 4, 1024): "reference", (bf, 1, 2048): "reference",
-            (bf, 4, 2048): "dense", (bf, 1, 4096): "dense", (bf, 4, 4096): "triton", (bf, 1, 8192): "triton",
+            (bf, 4, 2048): "triton", (bf, 1, 4096): "triton", (bf, 4, 4096): "triton", (bf, 1, 8192): "triton",
             (bf, 4, 32768): "triton", (f32, 1, 1024): "reference", (f32, 4, 2048): "reference",
             (f32, 1, 4096): "reference", (f32, 4, 4096): "dense", (f32, 4, 32768): "dense"}
     for (dt, B, N), impl in want.items():
@@ -313,7 +312,7 @@ class TestGPU:
     @pytest.mark.parametrize("impl", IMPLS)
     def test_autocast_bf16_computes_in_float32(self, impl, in_dtype):
         for op in ("uniform", "or"):
-            for inside in ((False,) if impl == "reference" else (False, True)):
+            for inside in (False, True):
                 loss, gp, ref, gref = _autocast_case("cuda", impl, op, in_dtype, inside)
                 assert loss.dtype == torch.float32 and ref > 0.01
                 assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item(), (impl, op, loss.item(), ref.item())
@@ -361,7 +360,7 @@ class TestGPU:
     def test_auto_picks_by_measured_crossover(self):
         mk = lambda B, N: torch.randn(B, N, 64, device="cuda", dtype=torch.bfloat16)
         assert trd_auto_impl(mk(1, 1024)) == "reference"
-        assert trd_auto_impl(mk(1, 4096)) == "dense"  # a GPU with 1 GiB free
+        assert trd_auto_impl(mk(1, 4096)) == "triton"
         assert trd_auto_impl(mk(4, 32768)) == "triton"
 
 
