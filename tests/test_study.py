@@ -1,0 +1,86 @@
+"""The whole controlled study (issue 13) at micro size on the CPU: every stage runs on the real code path and records
+itself, the runs of every method see the same data, the report's table has the ceiling, the floor and one row per
+method, and a finished study is reused (a half-written stage is redone)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sara.study import METRICS, STAGES, get_size, run_study, stage_result
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study") / "micro"
+    return root, run_study(root, "micro")
+
+
+def test_every_stage_recorded(study):
+    root, recs = study
+    assert list(recs) == list(STAGES)
+    for name in STAGES:
+        rec = stage_result(root, name)
+        assert rec is not None and rec["stage"] == name and rec["size"] == "micro" and rec["wall_s"] >= 0
+    assert set(recs["report"]["result"]["walls"]) == set(STAGES) - {"report"}
+
+
+def test_learned_models_load_as_the_workbench_loads_them(study):
+    from sara.vfm import build_vfm
+    from sara.wan import build_wan
+    root, recs = study
+    s = get_size("micro")
+    wan = build_wan(str(root / "wan" / "model"))
+    assert wan.vae.config.z_dim == s.vae_z_dim and len(wan.vae.config.latents_mean) == s.vae_z_dim
+    assert wan.vae.config.latents_std != [1.0] * s.vae_z_dim            # measured on training latents, not the placeholder
+    vfm = build_vfm(str(root / "encoder" / "model"))
+    assert type(vfm).__name__ == "FrozenVideoMAE" and vfm.geometry.frames_per_clip == s.n_frames - 1
+    probe = recs["encoder"]["result"]["probe"]
+    assert set(probe) == {"trained", "random"} and set(probe["trained"]) == {"colour", "shape", "motion"}
+    assert math.isfinite(recs["vae"]["result"]["psnr_heldout"])
+
+
+def test_runs_share_steps_and_data_order(study):
+    from sara.train import read_metrics
+    root, _ = study
+    s = get_size("micro")
+    orders = {}
+    for m in s.methods:
+        for sd in s.seeds:
+            rd = root / "train" / "runs" / f"{m}_s{sd}"
+            assert (rd / "checkpoint" / "transformer.safetensors").is_file()
+            rows = read_metrics(rd / "metrics.jsonl")
+            assert rows[-1]["step"] == s.train_steps
+            orders[m, sd] = [r["clips"] for r in rows]
+    for sd in s.seeds:
+        assert len({json.dumps(orders[m, sd]) for m in s.methods}) == 1  # the same seed gives every method the same batches
+
+
+def test_samples_and_table(study):
+    root, recs = study
+    s = get_size("micro")
+    prompts = json.loads((root / "world" / "heldout.json").read_text())
+    for run in ["heldout", "reference", "step0"] + [f"{m}_s{sd}" for m in s.methods for sd in s.seeds]:
+        idx = json.loads((root / "sample" / run / "index.json").read_text())
+        assert len(idx) == len(prompts) * (1 if run in ("heldout", "reference") else len(s.eval_seeds))
+        assert all((root / "sample" / run / e["file"]).is_file() for e in idx)
+    table = json.loads((root / "report" / "table.json").read_text())
+    assert [r["method"] for r in table] == ["real (ceiling)", "untrained DiT (floor)", *s.methods]
+    for r in table:
+        for k in METRICS:
+            mean, lo, hi = r[k]
+            assert 0 <= lo <= mean <= hi <= 1, (r["method"], k, r[k])
+        assert r["fd"][0] >= 0
+    md = (root / "report" / "table.md").read_text().strip().splitlines()
+    assert len(md) == 2 + len(table) and md[0].startswith("| method | n |")
+    assert (root / "report" / "grid_p000.png").is_file() and list((root / "report").glob("saliency_*.html"))
+
+
+def test_finished_study_is_reused_and_half_written_stage_redone(study):
+    root, recs = study
+    (root / "report" / "done.json").unlink()
+    (root / "report" / "stale.txt").write_text("left by a killed run")
+    again = run_study(root, "micro")
+    for name in STAGES[:-1]: assert again[name]["finished"] == recs[name]["finished"]   # skipped, not redone
+    assert not (root / "report" / "stale.txt").exists() and stage_result(root, "report") is not None
+    with pytest.raises(ValueError, match="another size"): run_study(root, "micro", "report", train_steps=5)
