@@ -25,7 +25,7 @@ from .trd import trd_compute_dtype
 __all__ = ['MERGED', 'PLOTLYJS', 'DIM_SCALE', 'SALIENCY_SOURCES', 'to_uint8_frames', 'token_time', 'token_index', 'token_coords',
            'saliency_maps', 'FigureHTML', 'show', 'saliency_figure', 'SaliencyExplorer', 'relation_rows',
            'budget_by_op', 'check_routing_inputs', 'routing_figure', 'RoutingExplorer', 'clip_frames', 'cache_clip',
-           'from_cache', 'run_cache', 'run_tokens', 'from_run', 'run_story', 'demo_inputs']
+           'from_cache', 'run_folder', 'run_cache', 'run_tokens', 'from_run', 'run_story', 'demo_inputs']
 
 # %% ../nbs/viz.ipynb #41780623
 def to_uint8_frames(
@@ -443,14 +443,16 @@ def clip_frames(
     return target_frames(ds[ids.index(clip_id)]["video"][None])[0]
 
 def cache_clip(
-    cache_dir: str | Path,       # a cache folder written by `sara.precompute`
+    cache_dir: str | Path,       # a cache folder written by `sara.precompute`, or "latest" (`sara.precompute.find_cache`)
     clip_id: str | None = None,  # the clip (None: the first finished clip)
     source: str = "auto",        # saliency source, one of `SALIENCY_SOURCES`
     manifest: str | Path | None = None,  # read the frames from this manifest instead of the one recorded in the cache
 ) -> dict:                       # id, caption, entities, frames (T-1, 3, H, W), saliency (E, T', H', W'), w (N,), grid, source
     "One clip of a cache as the saliency explorer takes it."
-    from sara.precompute import open_cache
+    from sara.precompute import find_cache, open_cache
     if source not in SALIENCY_SOURCES: raise ValueError(f"source must be one of {SALIENCY_SOURCES}, got {source!r}")
+    if str(cache_dir) == "latest" or not (Path(cache_dir) / "index.json").is_file():
+        cache_dir = find_cache(str(cache_dir))   # "latest", or a folder relative to the repository (as from nbs/)
     cache = open_cache(cache_dir)
     if not len(cache): raise ValueError(f"{cache_dir}: the cache holds no finished clips (failed: {list(cache.failed)})")
     cid = cache.ids[0] if clip_id is None else clip_id
@@ -469,7 +471,7 @@ def cache_clip(
                 w=e[keys[1]].float().flatten(), grid=tuple(sal.shape[1:]), source=source)
 
 def from_cache(
-    cache_dir: str | Path,       # a cache folder written by `sara.precompute`
+    cache_dir: str | Path,       # a cache folder written by `sara.precompute`, or "latest" (`sara.precompute.find_cache`)
     clip_id: str | None = None,  # the clip (None: the first finished clip)
     source: str = "auto",        # saliency source, one of `SALIENCY_SOURCES`
     opacity: float = 0.6,        # initial strength of the overlay
@@ -480,6 +482,16 @@ def from_cache(
     return SaliencyExplorer(c["frames"], c["saliency"], c["entities"], w=c["w"], opacity=opacity, source=c["source"], clip=c["id"])
 
 # %% ../nbs/viz.ipynb #608d02bc
+def run_folder(
+    run_dir: str | Path,  # a run folder: absolute, relative to the working directory, or relative to the repository
+) -> Path:                # the folder (unchanged when neither place has a config.json: the caller names it)
+    "A run folder as given, or taken from the repository (settings.ini's folder) as from a notebook running in `nbs/`."
+    from sara.config import find_settings
+    p = Path(run_dir)
+    if (p / "config.json").is_file() or p.is_absolute(): return p
+    f = find_settings()
+    return f.parent / p if f is not None and (f.parent / p / "config.json").is_file() else p
+
 def run_cache(
     cfg,                     # a run's `RunConfig` (`sara.config.load_config` of its config.json)
 ) -> Path:                   # the cache folder the run read
@@ -514,7 +526,7 @@ def run_tokens(
     from sara.precompute import open_cache
     from sara.wan import dit_grid, flow_matching_pair, training_sigmas
     from sara.grids import GridMap, align_dit, align_target
-    run_dir = Path(run_dir)
+    run_dir = run_folder(run_dir)
     if not (run_dir / "config.json").is_file(): raise FileNotFoundError(f"{run_dir}: no config.json; not a run folder written by sara.train")
     cfg = load_config(run_dir / "config.json")
     cache_dir = run_cache(cfg)
@@ -568,7 +580,7 @@ def run_story(
     from sara.config import load_config
     from sara.train import SALIENCY_OF, read_metrics
     from sara.precompute import open_cache
-    run_dir = Path(run_dir)
+    run_dir = run_folder(run_dir)
     for f in ("config.json", "metrics.jsonl"):
         if not (run_dir / f).is_file(): raise FileNotFoundError(f"{run_dir}: no {f}; not a run folder written by sara.train")
     cfg = load_config(run_dir / "config.json")

@@ -9,7 +9,7 @@ import torch
 from sara.routing import ROUTING_OPS, budget_shares, pair_weights
 from sara.trd import trd_reference
 from sara.viz import (MERGED, RoutingExplorer, SaliencyExplorer, budget_by_op, cache_clip, demo_inputs, from_cache, from_run,
-                      relation_rows, routing_figure, run_story, run_tokens, saliency_figure, saliency_maps, show, to_uint8_frames,
+                      relation_rows, routing_figure, run_folder, run_story, run_tokens, saliency_figure, saliency_maps, show, to_uint8_frames,
                       token_coords, token_index, token_time)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +158,18 @@ def test_from_cache_frames_face_their_tokens(real):
     with pytest.raises(FileNotFoundError, match="does not exist"): cache_clip(real["cache"], manifest=real["base"] / "nowhere.jsonl")
 
 
+def test_from_cache_takes_latest_and_repository_relative_folders(real, tmp_path, monkeypatch):
+    "cache='latest' (the newest cache with a finished clip under cache_dir) and a folder relative to settings.ini's folder."
+    (tmp_path / "settings.ini").write_text(f"[sara]\ncache_dir = {real['cache'].parent}\n")
+    (tmp_path / "nbs").mkdir()
+    monkeypatch.chdir(tmp_path / "nbs")                                            # as a notebook in JupyterLab
+    monkeypatch.delenv("SARA_CACHE_DIR", raising=False)
+    assert cache_clip("latest", "toy_001")["id"] == "toy_001"
+    rel = os.path.relpath(real["cache"], tmp_path)                                 # relative to the repository, not to nbs/
+    assert from_cache(rel, "toy_000").args["clip"] == "toy_000"
+    with pytest.raises(FileNotFoundError, match="not a cache folder"): cache_clip("cache/none")
+
+
 def test_from_cache_reads_the_aligner_layer(real, tmp_path):
     "With an `aligner` layer in the cache, `auto` shows the aligner's saliency and says so."
     import shutil
@@ -199,6 +211,11 @@ def test_from_run_goes_through_the_checkpoint(real, tmp_path):
     ex = from_run(real["run"], "toy_000", timestep=700)
     assert "run sara (sara, step 2) · clip toy_000" in ex.fig.layout.title.text and ex.op.value == "or"
     with pytest.raises(FileNotFoundError, match="no config.json"): run_tokens(real["base"] / "runs" / "nope")
+    (real["base"] / "settings.ini").write_text("[sara]\n")                        # a repository around the run:
+    (real["base"] / "nbs").mkdir(exist_ok=True)
+    cwd = os.getcwd(); os.chdir(real["base"] / "nbs")                               # "runs/sara" from a notebook in nbs/
+    try: assert run_folder("runs/sara") == real["run"] and run_folder("runs/nope") == Path("runs/nope")
+    finally: os.chdir(cwd)
 
 
 def test_run_story_and_its_html(real, tmp_path):
