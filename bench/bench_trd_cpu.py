@@ -19,9 +19,9 @@ def status(key: str) -> int:
 def measure_one(impl: str, N: int, D: int, reps: int = 1) -> dict:
     "Time and peak extra memory of one TRD forward+backward in this process (call it in a fresh one)."
     import torch
-    from sara.trd import trd_chunked, trd_reference
+    from sara.trd import trd_chunked, trd_dense, trd_reference
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    fn = {"chunked": trd_chunked, "reference": trd_reference}[impl]
+    fn = {"chunked": trd_chunked, "reference": trd_reference, "dense": trd_dense}[impl]
     g = torch.Generator().manual_seed(0)
     p = torch.randn(1, N, D, generator=g).requires_grad_()
     y = torch.randn(1, N, D, generator=g).requires_grad_()
