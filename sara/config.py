@@ -244,7 +244,7 @@ class RunConfig:
     text_dropout: float = 0.0   # probability of replacing a prompt by the empty prompt (classifier-free guidance)
     loss_weighting: str = "none"  # flow-matching loss weight over timesteps: none | bell
     expert: str = ""            # A14B (required there): high (transformer, t >= boundary) | low (transformer_2, t < boundary); "" = one DiT
-    trd_impl: str = "auto"      # auto | reference | chunked | triton (auto: triton on CUDA, chunked elsewhere)
+    trd_impl: str = "auto"      # auto | reference | chunked | dense | triton (auto: `sara.trd.trd_auto_choice`, the measured fastest exact one)
     targets_in_loop: bool = False  # ablation: recompute the VFM target in every step instead of reading the cache
     mixed_precision: str = "no" # accelerate mixed precision: no | bf16 | fp16
     weights_dtype: str = "float32"  # dtype of the trained weights: float32 | bfloat16 (pure bf16, one-GPU 5B full fine-tuning)
