@@ -585,12 +585,19 @@ def _components(mask: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/toy.ipynb #c954506a
 _FILL = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}   # area / bounding-box area of each shape
+_DIAG = {"square": math.sqrt(2), "circle": 1.0, "triangle": 1.035}  # width along the diagonals / width along the axes
 
 def toy_min_area(H: int, W: int) -> float: # pixels: a quarter of the smallest shape the study world draws
     "Smallest component that counts as an entity in an (H, W) frame."
     return max(4.0, 0.25 * min(TOY_AREA.values()) * (TOY_RADIUS[0] * min(H, W)) ** 2)
 
-def _classify(fill: float) -> str: return min(_FILL, key=lambda s: abs(_FILL[s] - fill))
+def _classify(xs: torch.Tensor, ys: torch.Tensor) -> str:
+    "Shape of a component from its pixel centres: the diagonal widths single out the square, then the fill ratio the triangle."
+    w, h = float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)
+    u, v = xs + ys, xs - ys                                                   # diagonal coordinates, times sqrt(2)
+    diag = (float(u.max() - u.min() + v.max() - v.min()) / 2 + 2) / math.sqrt(2)  # a pixel is sqrt(2) wide along a diagonal
+    if diag / ((w + h) / 2) >= (_DIAG["square"] + _DIAG["triangle"]) / 2: return "square"   # robust to rounded, ragged edges
+    return "triangle" if len(xs) / (w * h) < (_FILL["circle"] + _FILL["triangle"]) / 2 else "circle"
 
 def _crops(planes: torch.Tensor, pad: int):
     "Each bool (H, W) plane cut to its pixels' bounding box plus `pad`, stacked at a common size: (N, h, w) and the boxes."
@@ -636,8 +643,7 @@ def toy_observe(
         ys, xs = torch.nonzero(m, as_tuple=True)
         o["detected"][t] = True
         o["centroid"][t] = float(xs.float().mean()) + c0 + 0.5, float(ys.float().mean()) + a + 0.5
-        box = float((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
-        o["shape"][t] = _classify(area / box)
+        o["shape"][t] = _classify(xs, ys)
         near = F.max_pool2d(m[None, None].float(), 5, 1, 2)[0, 0] > 0                # within 2 px
         other = lab[t, a:b, c0:d]
         o["touch"][t] = bool((near & (other >= 1) & (other != 1 + c)).sum() >= 2)
