@@ -151,7 +151,8 @@ def test_targets_in_loop_matches_cache(cfg_for):
 def test_manifest_error_names_line(cfg_for, tmp_path):
     data = tmp_path / "data"; data.mkdir()
     (data / "manifest.jsonl").write_text(json.dumps(dict(video="missing.mp4", caption="a red circle", entities=["red circle"])) + "\n")
-    with pytest.raises(FileNotFoundError, match="line 1"):
+    from sara.precompute import TooManyFailedClips   # a missing video is a failed clip (the cache's failure policy)
+    with pytest.raises(TooManyFailedClips, match=r"1 of 1 clips failed.*missing \(line 1\): FileNotFoundError"):
         train(cfg_for(data_root=str(data)), progress=False)
 
 
