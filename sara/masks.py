@@ -139,7 +139,7 @@ class MaskProvider:
 
 # %% ../nbs/masks.ipynb #3833ca71
 class ToyMaskProvider(MaskProvider):
-    "Exact masks from the clip's masks file (`record.masks`, written by `sara.data.make_toy_world`)."
+    "Exact masks from the clip's masks file (`record.masks`, written by `sara.toy.make_toy_world`)."
     name = "toy"
 
     def masks(self, video, entities, record):
