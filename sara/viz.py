@@ -524,7 +524,7 @@ def run_tokens(
     from sara.train import (TARGET_OF, build_models, check_cache_settings, collate_targets,
                             load_checkpoint)
     from sara.precompute import open_cache
-    from sara.wan import dit_grid, flow_matching_pair, training_sigmas
+    from sara.wan import dit_grid, expert_window, flow_matching_pair, training_sigmas
     from sara.grids import GridMap, align_dit, align_target
     run_dir = run_folder(run_dir)
     if not (run_dir / "config.json").is_file(): raise FileNotFoundError(f"{run_dir}: no config.json; not a run folder written by sara.train")
@@ -543,7 +543,13 @@ def run_tokens(
     batch = collate_targets([dict(latents=e["latents"], prompt=e["prompt"], y=e[tgt], w=clip["w"])], dev)
     x0 = batch["latents"]                                                      # 1, z, t, h, w
     sig, ts = training_sigmas(models.wan.scheduler)
-    k = int((ts - float(timestep)).abs().argmin())
+    lo, hi = expert_window(models.wan.boundary_ratio, cfg.expert)             # A14B: the trained expert's timesteps only
+    T = models.wan.scheduler.config.num_train_timesteps
+    inside = (ts / T >= lo) & (ts / T < hi)
+    k = int(torch.where(inside, (ts - float(timestep)).abs(), torch.inf).argmin())
+    if not lo <= float(timestep) / T < hi:
+        raise ValueError(f"timestep {timestep} is outside the timesteps [{lo * T:g}, {min(hi, 1) * T:g}) of the run's "
+                         f"{cfg.expert!r} expert; its DiT never saw it")
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
     x_t, _ = flow_matching_pair(x0, noise, sig[k:k + 1].to(x0))
     with torch.no_grad(): _, feats = trainee(x_t, ts[k:k + 1].to(dev), batch["prompt"], project=True)  # 1, N_dit, Dp
