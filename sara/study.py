@@ -945,7 +945,7 @@ def pack_results(
     "The small artifacts of a study (records, metrics, heads, explorers' inputs) and its sampled mp4 files, as archives of bounded size."
     import tarfile
     root, out = Path(root), Path(out); out.mkdir(parents=True, exist_ok=True)
-    small = lambda p: (p.suffix in (".json", ".jsonl", ".md", ".png", ".html") or p.name in ("viz.safetensors", "head.safetensors")
+    small = lambda p: (p.suffix in (".json", ".jsonl", ".md", ".png", ".html", ".txt") or p.name in ("viz.safetensors", "head.safetensors")
                        or p.relative_to(root).parts[:2] == ("encoder", "model"))   # the encoder: the score stage's features
     files = [p for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".") and "data" not in p.relative_to(root).parts]
     with tarfile.open(out / "results.tgz", "w:gz") as tar:
