@@ -975,8 +975,8 @@ def unpack_results(
 
 def study_cli(argv: list[str] | None = None):  # command-line arguments (default: sys.argv[1:])
     "Console entry point `sara-study`: run stages of the controlled study (`--stage all` runs or reuses every stage)."
-    import argparse
-    ap = argparse.ArgumentParser("sara-study", description="The controlled toy-world study of SARA (issue 13): one folder per stage, resumable")
+    from sara.config import OneLineParser, run_cli
+    ap = OneLineParser("sara-study", allow_abbrev=False, description="The controlled toy-world study of SARA (issue 13): one folder per stage, resumable")
     ap.add_argument("--stage", default="all", help=f"all, or a comma-separated list of: {', '.join(STAGES)}")
     ap.add_argument("--root", required=True, help="the study folder")
     ap.add_argument("--size", default="default", choices=sorted(SIZES))
@@ -986,15 +986,17 @@ def study_cli(argv: list[str] | None = None):  # command-line arguments (default
     ap.add_argument("--unpack", default="", help="first unpack the archives of --pack found in this folder into --root")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="StudySize fields to replace (JSON values)")
     a = ap.parse_args(argv)
-    if a.unpack: print("unpacked", unpack_results(a.unpack, a.root))
-    over = {}
-    for kv in a.set:
-        k, _, v = kv.partition("=")
-        try: over[k] = json.loads(v)
-        except json.JSONDecodeError: over[k] = v
-    recs = run_study(a.root, a.size, a.stage, a.force, a.carry or None, **over)
-    print(json.dumps({n: r["wall_s"] for n, r in recs.items()}))
-    if a.pack: print(pack_results(a.root, a.pack))
+    def main():
+        if a.unpack: print("unpacked", unpack_results(a.unpack, a.root))
+        over = {}
+        for kv in a.set:
+            k, _, v = kv.partition("=")
+            try: over[k] = json.loads(v)
+            except json.JSONDecodeError: over[k] = v
+        recs = run_study(a.root, a.size, a.stage, a.force, a.carry or None, **over)
+        print(json.dumps({n: r["wall_s"] for n, r in recs.items()}))
+        if a.pack: print(pack_results(a.root, a.pack))
+    run_cli("sara-study", main, failures=(ValueError, FileNotFoundError))  # exit 0 / 2 (flags) / 1 (a stage failed), one line
 
 
 # %% ../nbs/study.ipynb #c8fdf65e
