@@ -154,14 +154,16 @@ def test_documented_parameters_exist():
     assert "run_dirs" in parsed("evaluate")
 
 
-def run_parameter_cells(name: str, params: dict, upto: int = 1) -> dict:
+def run_parameter_cells(name: str, params: dict, upto: int | None = None) -> dict:
     """Execute, in a fresh namespace, the cell before the parameters cell, the parameters cell, papermill's injected
-    cell (made by papermill's own `parameterize_notebook`) and the `upto` cells after it."""
+    cell (made by papermill's own `parameterize_notebook`) and the `upto` cells after it (default: up to the first
+    that calls `notebook_params`, an imports cell may come before it)."""
     from papermill.iorw import load_notebook_node  # as papermill loads it (every cell gets a tags list)
     nb = parameterize_notebook(load_notebook_node(str(ROOT / "nbs" / f"{name}.ipynb")), params)
     i = next(k for k, c in enumerate(nb.cells) if "injected-parameters" in c.metadata.get("tags", []))
     import importlib
     ns = dict(vars(importlib.import_module(f"sara.{name}")))   # what the notebook's own cells define before these
+    if upto is None: upto = next(k for k, c in enumerate(nb.cells[i + 1:], 1) if "notebook_params(" in c.source)
     for c in nb.cells[i - 2:i + 1 + upto]: exec(c.source, ns)
     return ns
 
