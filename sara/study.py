@@ -8,6 +8,7 @@ Docs: https://sara-workbench.github.io/sara/study.html.md"""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import copy
 import hashlib
 import json
 import math
@@ -29,11 +30,12 @@ import torch.nn.functional as F
 __all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'METRICS', 'STAGE_FNS', 'StudySize',
            'get_size', 'write_json', 'stage_result', 'need', 'run_stage', 'world_seeds', 'train_frames', 'world_scenes',
            'scene_prompts', 'stage_world', 'TextTable', 'make_text_table', 'stage_text', 'vae_config', 'psnr',
-           'reconstruct', 'stage_vae', 'encoder_config', 'tube_mask', 'stage_encoder', 'token_labels', 'linear_probe',
-           'probe_encoder', 'dit_config', 'stage_wan', 'cache_params', 'stage_cache', 'stage_stage1', 'run_params',
-           'run_finished', 'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score',
-           'viz_inputs', 'study_table', 'table_markdown', 'loss_curves', 'sample_grid', 'report_figures',
-           'stage_report', 'run_study', 'pack_results', 'unpack_results', 'study_cli']
+           'reconstruct', 'stage_vae', 'encoder_config', 'tube_mask', 'jepa_loss', 'pretrain_encoder', 'stage_encoder',
+           'token_labels', 'linear_probe', 'probe_encoders', 'random_encoder', 'probe_encoder', 'dit_config',
+           'stage_wan', 'cache_params', 'stage_cache', 'stage_stage1', 'run_params', 'run_finished', 'stage_train',
+           'load_study_run', 'stage_sample', 'clip_features', 'stage_score', 'viz_inputs', 'study_table',
+           'table_markdown', 'loss_curves', 'sample_grid', 'report_figures', 'stage_report', 'run_study',
+           'pack_results', 'unpack_results', 'study_cli']
 
 # %% ../nbs/study.ipynb #dc2a3666
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class StudySize:
     enc_steps: int = 1500        # VideoMAE pre-training steps
     enc_batch: int = 16          # clips per VideoMAE step
     enc_lr: float = 1e-3         # VideoMAE AdamW learning rate (cosine decay)
+    enc_warmup: int = 50         # VideoMAE linear warm-up steps
+    enc_objective: str = "mae"   # mae: masked pixel reconstruction; jepa: feature prediction against an EMA target encoder
+    enc_ema: float = 0.99        # jepa: EMA momentum of the target encoder (per step)
     mask_ratio: float = 0.75     # VideoMAE tube-masking ratio
     probe_steps: int = 300       # full-batch steps of each linear probe
     dit_heads: int = 4           # DiT attention heads
@@ -74,7 +79,7 @@ class StudySize:
     block: int = 2               # aligned DiT block (every aligned method)
     methods: tuple = ("sft", "videorepa", "moalign", "sara", "sara_and", "sara_xor", "sara_oracle")
     seeds: tuple = (0, 1, 2)     # Stage 2 seeds (data order, noise, projector init)
-    workers: int = 11            # concurrent Stage 2 / sampling processes (21 runs: two waves)
+    workers: int = 4             # concurrent Stage 2 / sampling processes (one H200: 4 runs at ~0.32 s/step each; 11 ran at 1.2-1.5 s/step)
     sample_steps: int = 16       # denoising steps
     eval_seeds: tuple = (0,)     # noise seeds per prompt (shared by every method)
     guidance: float = 1.0        # classifier-free guidance of sampling (1: off; the DiT is trained without caption dropout)
@@ -420,37 +425,76 @@ def tube_mask(batch: int, t: int, hw: int, ratio: float, g: torch.Generator) -> 
     for b in range(batch): m[b, torch.randperm(hw, generator=g)[:k]] = True
     return m.repeat(1, t)
 
-def stage_encoder(root: Path, s: StudySize, d: Path) -> dict:
-    "Pre-train VideoMAE (masked autoencoding, no labels) on the world; save its encoder as a transformers folder; linear probes."
+def jepa_loss(
+    model,                 # VideoMAEForPreTraining whose decoder head maps to the encoder width D (the predictor)
+    target,                # VideoMAEModel, the EMA target encoder (no gradient)
+    x: torch.Tensor,       # B, Tn, 3, H, W normalised clips
+    mask: torch.Tensor,    # bool (B, N): the same number of masked tokens per clip
+) -> torch.Tensor:         # scalar L1 loss
+    """V-JEPA-style feature prediction: the context encoder sees the visible tokens, the predictor (VideoMAE's decoder,
+    fed as `VideoMAEForPreTraining.forward` feeds it, modeling_videomae.py lines 565-585) predicts the layer-normed
+    features of the EMA target encoder at the masked tokens (V-JEPA, Bardes et al. 2024: L1 on layer-normed targets)."""
+    B = x.shape[0]
+    with torch.no_grad():
+        y = target(pixel_values=x).last_hidden_state                                     # B, N, D
+        y = F.layer_norm(y.float(), y.shape[-1:])[mask].reshape(B, -1, y.shape[-1])       # B, M, D
+    h = model.encoder_to_decoder(model.videomae(pixel_values=x, bool_masked_pos=mask).last_hidden_state)  # B, N-M, d
+    d = h.shape[-1]
+    pos = model.position_embeddings.expand(B, -1, -1).to(h).detach()                     # B, N, d
+    full = torch.cat([h + pos[~mask].reshape(B, -1, d), model.mask_token + pos[mask].reshape(B, -1, d)], 1)
+    pred = model.decoder(full, y.shape[1]).logits                                         # B, M, D
+    return F.l1_loss(pred.float(), y)
+
+def pretrain_encoder(
+    s: StudySize,          # enc_* fields, mask_ratio, n_frames, seed
+    frames: torch.Tensor,  # uint8 (N, n_frames, 3, H, W) training clips
+    dev,                   # device
+) -> tuple:                # (VideoMAEModel to save: the encoder, or the EMA target encoder for "jepa"; [{step, loss}])
+    """Self-supervised pre-training of the study's VideoMAE on `frames` (no labels), tube masking, AdamW with warm-up and
+    cosine decay; `s.enc_objective` "mae": masked pixel reconstruction (`VideoMAEForPreTraining`'s own loss), "jepa":
+    feature prediction against an EMA target encoder (`jepa_loss`)."""
     from transformers import VideoMAEForPreTraining
-    _clean(d); need(root, "world")
-    dev = _device()
-    frames = train_frames(s, s.world_clips)
-    if dev.type == "cuda": frames = frames.pin_memory()
+    if s.enc_objective not in ("mae", "jepa"): raise ValueError(f"StudySize.enc_objective must be 'mae' or 'jepa', got {s.enc_objective!r}")
     cfg = encoder_config(s)
     torch.manual_seed(s.seed)
-    model = VideoMAEForPreTraining(cfg).to(dev).train()
+    model = VideoMAEForPreTraining(cfg)
+    target = None
+    if s.enc_objective == "jepa":
+        model.decoder.head = torch.nn.Linear(cfg.decoder_hidden_size, cfg.hidden_size)   # the predictor outputs features
+        target = copy.deepcopy(model.videomae).to(dev).eval().requires_grad_(False)
+    model = model.to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=s.enc_lr, weight_decay=0.05, betas=(0.9, 0.95))
-    sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: _cosine(k, s.enc_steps))
+    sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: _cosine(k, s.enc_steps, s.enc_warmup))
     g, hist = torch.Generator().manual_seed(s.seed), []
     t, hw, Tn = cfg.num_frames // 2, (s.size // s.enc_patch) ** 2, cfg.num_frames
     for step in range(s.enc_steps):
         idx = torch.randint(0, len(frames), (s.enc_batch,), generator=g)
         off = int(torch.randint(0, s.n_frames - Tn + 1, (1,), generator=g))
-        x = _normalise(frames[idx][:, off:off + Tn], dev)
-        mask = tube_mask(s.enc_batch, t, hw, s.mask_ratio, g).to(dev)
+        x = _normalise(frames[idx][:, off:off + Tn], dev)                                  # B, Tn, 3, H, W
+        mask = tube_mask(s.enc_batch, t, hw, s.mask_ratio, g).to(dev)                     # B, t*hw
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            loss = model(pixel_values=x, bool_masked_pos=mask).loss
+            loss = model(pixel_values=x, bool_masked_pos=mask).loss if target is None else jepa_loss(model, target, x, mask)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sch.step()
+        if target is not None:
+            with torch.no_grad(): torch._foreach_lerp_(list(target.parameters()), list(model.videomae.parameters()), 1 - s.enc_ema)
         if step % 50 == 0 or step == s.enc_steps - 1: hist.append(dict(step=step, loss=loss.item()))
+    return (model.videomae if target is None else target), hist
+
+def stage_encoder(root: Path, s: StudySize, d: Path) -> dict:
+    "Pre-train VideoMAE (masked autoencoding, no labels) on the world; save its encoder as a transformers folder; linear probes."
+    _clean(d); need(root, "world")
+    dev = _device()
+    frames = train_frames(s, s.world_clips)
+    if dev.type == "cuda": frames = frames.pin_memory()
+    enc, hist = pretrain_encoder(s, frames, dev)
     tmp = d / ".model.tmp"; shutil.rmtree(tmp, ignore_errors=True)
-    model.videomae.to(torch.float16).save_pretrained(tmp)
+    enc.to(torch.float16).save_pretrained(tmp)
     write_json(tmp / "preprocessor_config.json", dict(image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
                crop_size=dict(height=s.size, width=s.size), size=dict(shortest_edge=s.size), do_normalize=True))
     os.replace(tmp, d / "model")
     write_json(d / "history.json", hist)
-    return dict(params=sum(p.numel() for p in model.videomae.parameters()), final_loss=hist[-1]["loss"],
+    return dict(params=sum(p.numel() for p in enc.parameters()), objective=s.enc_objective, final_loss=hist[-1]["loss"],
                 first_loss=hist[0]["loss"], probe=probe_encoder(root, s, dev))
 
 
@@ -502,31 +546,29 @@ def linear_probe(
     return float(np.mean(acc))
 
 @torch.no_grad()
-def probe_encoder(root: Path, s: StudySize, dev) -> dict:
-    "Linear probes of token colour, shape and motion: the trained encoder (loaded through sara.vfm.build_vfm) vs the same architecture with random weights."
+def probe_encoders(
+    encoders: dict,   # name -> frozen encoder (sara.vfm FrozenModule, one token geometry): features of (B, T, 3, H, W) in [-1, 1]
+    s: StudySize,     # probe_clips, probe_steps, n_frames, size, seed
+    dev,              # device of the features and the probes
+) -> dict:            # name -> {colour, shape, motion}: balanced test accuracy
+    "Linear probes of token colour, shape and motion of each encoder, on the same probe clips (first half train, second half test) and the same probe steps."
     from sara.grids import target_frames
-    from sara.vfm import build_vfm, FrozenVideoMAE
-    from transformers import VideoMAEModel
-    trained = build_vfm(str(root / "encoder" / "model")).to(dev)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(s.seed + 1)
-        rand = FrozenVideoMAE(VideoMAEModel(encoder_config(s)), mean=IMAGENET_MEAN, std=IMAGENET_STD).to(dev)
     from sara.toy import toy_batch
+    geos = {(e.geometry.tubelet, e.geometry.patch) for e in encoders.values()}
+    if len(geos) != 1: raise ValueError(f"probe_encoders needs one token geometry (tubelet, patch), got {sorted(geos)}")
+    (tub, patch), = geos
     b = toy_batch(s.probe_clips, world_seeds(s)["probe"], s.n_frames, s.size, split="all", masks=True, flow=True)
-    g = trained.geometry
-    Tn = g.frames_per_clip
     labels = {k: [] for k in ("colour", "shape", "motion")}
     for m, f, sc in zip(b["masks"], b["flow"], b["scenes"]):
-        lab = token_labels(m[:, 1:], f[1:], list(sc["names"]), g.tubelet, g.patch)          # frames 1..T-1, as the encoder sees them
+        lab = token_labels(m[:, 1:], f[1:], list(sc["names"]), tub, patch)                      # frames 1..T-1, as the encoder sees them
         for k in labels: labels[k].append(lab[k].flatten())
-    out = {}
-    for name, enc in (("trained", trained), ("random", rand)):
+    out, half = {}, s.probe_clips // 2
+    for name, enc in encoders.items():
         feats = []
         for i in range(0, s.probe_clips, 16):
             v = target_frames(b["frames"][i:i + 16]).to(dev).float() / 127.5 - 1                # B, T-1, 3, H, W
-            feats.append(enc(v).flatten(1, 3).float())                                            # B, N, D
+            feats.append(enc.to(dev)(v).flatten(1, 3).float())                                    # B, N, D
         X = torch.cat(feats)                                                                        # clips, N, D
-        half = s.probe_clips // 2
         res = {}
         for k, ys in labels.items():
             Y = torch.stack(ys).to(dev)                                                             # clips, N
@@ -536,6 +578,19 @@ def probe_encoder(root: Path, s: StudySize, dev) -> dict:
             with torch.enable_grad(): res[k] = linear_probe(xtr, tr, xte, te, s.probe_steps)
         out[name] = res
     return out
+
+def random_encoder(s: StudySize):  # sara.vfm.FrozenVideoMAE
+    "The baseline of every probe: the study's encoder architecture with random weights (seed + 1), as the trained one is normalised."
+    from sara.vfm import FrozenVideoMAE
+    from transformers import VideoMAEModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed + 1)
+        return FrozenVideoMAE(VideoMAEModel(encoder_config(s)), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+def probe_encoder(root: Path, s: StudySize, dev) -> dict:
+    "Linear probes of token colour, shape and motion: the trained encoder (loaded through sara.vfm.build_vfm) vs the same architecture with random weights."
+    from sara.vfm import build_vfm
+    return probe_encoders(dict(trained=build_vfm(str(root / "encoder" / "model")), random=random_encoder(s)), s, dev)
 
 
 # %% ../nbs/study.ipynb #f3d6f5be
@@ -937,12 +992,44 @@ def run_study(
                 shutil.rmtree(root / sub.name, ignore_errors=True); shutil.copytree(sub, root / sub.name)
     return {n: run_stage(root, n, s, force) for n in [n for n in STAGES if n in names]}
 
+class _Parts:
+    "A write-only stream cut into files `<stem>.000`, `.001`, ... of at most `max_bytes` each."
+    def __init__(self, stem: Path, max_bytes: int): self.stem, self.max, self.k, self.f, self.n, self.files = stem, max_bytes, 0, None, 0, []
+    def write(self, b) -> int:
+        b = memoryview(b); n = len(b)
+        while len(b):
+            if self.f is None or self.n >= self.max:
+                if self.f is not None: self.f.close()
+                self.files.append(self.stem.with_name(f"{self.stem.name}.{len(self.files):03d}")); self.f = open(self.files[-1], "wb"); self.n = 0
+            k = min(len(b), self.max - self.n); self.f.write(b[:k]); self.n += k; b = b[k:]
+        return n
+    def close(self):
+        if self.f is not None: self.f.close()
+
+class _Chain:
+    "A read-only stream over several files, one after the other (the parts `_Parts` wrote)."
+    def __init__(self, files: list): self.files, self.f = list(files), None
+    def read(self, n: int = -1) -> bytes:
+        out = b""
+        while n < 0 or len(out) < n:
+            if self.f is None:
+                if not self.files: break
+                self.f = open(self.files.pop(0), "rb")
+            b = self.f.read(-1 if n < 0 else n - len(out))
+            if not b: self.f.close(); self.f = None
+            out += b
+        return out
+
 def pack_results(
     root: str | Path,       # the study folder
-    out: str | Path,        # folder for the archives: results.tgz and samples_<k>.tar
-    max_bytes: int = 15 << 20,  # largest archive (the device returns files of at most 16 MiB)
+    out: str | Path,        # folder for the archives: results.tgz, samples_<k>.tar, checkpoints.tar.<kkk>
+    max_bytes: int = 15 << 20,  # largest archive file (the device returns files of at most 16 MiB)
+    runs: list | None = None,   # Stage 2 runs whose DiT/projector exports (`checkpoint/`) are packed; None: every finished run, []: none
 ) -> list[Path]:            # the archives written
-    "The small artifacts of a study (records, metrics, heads, explorers' inputs) and its sampled mp4 files, as archives of bounded size."
+    """The small artifacts of a study (records, metrics, heads, explorers' inputs), its sampled mp4 files, and the
+    weights export of the chosen Stage 2 runs (so that sampling, scoring and the report can run on another machine),
+    as archives of at most `max_bytes` each: the checkpoints as one tar cut into parts (a default-size DiT export is
+    27 MiB in float32, larger than one returned file)."""
     import tarfile
     root, out = Path(root), Path(out); out.mkdir(parents=True, exist_ok=True)
     small = lambda p: (p.suffix in (".json", ".jsonl", ".md", ".png", ".html", ".txt") or p.name in ("viz.safetensors", "head.safetensors")
@@ -958,20 +1045,36 @@ def pack_results(
             written.append(out / f"samples_{k}.tar"); tar = tarfile.open(written[-1], "w"); k, size = k + 1, 0
         tar.add(p, arcname=str(p.relative_to(root))); size += p.stat().st_size + 1024
     if tar is not None: tar.close()
+    rdir = root / "train" / "runs"
+    done = sorted(p.parent.parent.name for p in rdir.glob("*/checkpoint/transformer.safetensors")) if rdir.is_dir() else []
+    runs = done if runs is None else list(runs)
+    missing = [r for r in runs if r not in done]
+    if missing: raise FileNotFoundError(f"{rdir}: no finished export (checkpoint/transformer.safetensors) for run(s) {missing}; finished: {done}")
+    for f in out.glob("checkpoints.tar.*"): f.unlink()   # parts of an earlier pack into this folder
+    if runs:
+        parts = _Parts(out / "checkpoints.tar", max_bytes)
+        with tarfile.open(fileobj=parts, mode="w|") as tar:
+            for r in runs: tar.add(rdir / r / "checkpoint", arcname=f"train/runs/{r}/checkpoint")
+        parts.close(); written += parts.files
     return written
 
 def unpack_results(
-    folder: str | Path,  # a folder holding `pack_results` archives (results.tgz, samples_<k>.tar)
+    folder: str | Path,  # a folder holding `pack_results` archives (results.tgz, samples_<k>.tar, checkpoints.tar.<kkk>)
     root: str | Path,    # the study folder to unpack into (e.g. to run score and report where the analyser is)
 ) -> list[str]:          # the archives unpacked
-    "Unpack the archives a device run brought back into a study folder."
+    "Unpack the archives a device run brought back into a study folder (the checkpoint parts joined in order)."
     import tarfile
-    root = Path(root); root.mkdir(parents=True, exist_ok=True)
-    names = sorted(p for p in Path(folder).iterdir() if p.name == "results.tgz" or (p.name.startswith("samples_") and p.suffix == ".tar"))
-    if not names: raise FileNotFoundError(f"{folder}: no results.tgz or samples_*.tar (written by pack_results)")
+    root, folder = Path(root), Path(folder); root.mkdir(parents=True, exist_ok=True)
+    names = sorted(p for p in folder.iterdir() if p.name == "results.tgz" or (p.name.startswith("samples_") and p.suffix == ".tar"))
+    parts = sorted(folder.glob("checkpoints.tar.[0-9][0-9][0-9]"))
+    if not names and not parts: raise FileNotFoundError(f"{folder}: no results.tgz, samples_*.tar or checkpoints.tar.* (written by pack_results)")
+    if parts and [p.name for p in parts] != [f"checkpoints.tar.{k:03d}" for k in range(len(parts))]:
+        raise FileNotFoundError(f"{folder}: checkpoint parts {[p.name for p in parts]} are not consecutive from .000; one is missing")
     for p in names:
         with tarfile.open(p) as tar: tar.extractall(root, filter="data")
-    return [p.name for p in names]
+    if parts:
+        with tarfile.open(fileobj=_Chain(parts), mode="r|") as tar: tar.extractall(root, filter="data")
+    return [p.name for p in names + parts]
 
 def study_cli(argv: list[str] | None = None):  # command-line arguments (default: sys.argv[1:])
     "Console entry point `sara-study`: run stages of the controlled study (`--stage all` runs or reuses every stage)."
@@ -983,6 +1086,7 @@ def study_cli(argv: list[str] | None = None):  # command-line arguments (default
     ap.add_argument("--force", action="store_true", help="redo finished stages")
     ap.add_argument("--carry", default="", help="folder of finished stage folders to copy in first")
     ap.add_argument("--pack", default="", help="after the stages, write the artifacts as archives into this folder")
+    ap.add_argument("--pack-runs", default=None, help="Stage 2 runs whose weights --pack includes (comma-separated; default: every finished run; 'none': none)")
     ap.add_argument("--unpack", default="", help="first unpack the archives of --pack found in this folder into --root")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="StudySize fields to replace (JSON values)")
     a = ap.parse_args(argv)
@@ -995,8 +1099,10 @@ def study_cli(argv: list[str] | None = None):  # command-line arguments (default
             except json.JSONDecodeError: over[k] = v
         recs = run_study(a.root, a.size, a.stage, a.force, a.carry or None, **over)
         print(json.dumps({n: r["wall_s"] for n, r in recs.items()}))
-        if a.pack: print(pack_results(a.root, a.pack))
+        runs = None if a.pack_runs is None else [r for r in a.pack_runs.split(",") if r and r != "none"]
+        if a.pack: print(pack_results(a.root, a.pack, runs=runs))
     run_cli("sara-study", main, failures=(ValueError, FileNotFoundError))  # exit 0 / 2 (flags) / 1 (a stage failed), one line
+
 
 
 # %% ../nbs/study.ipynb #c8fdf65e
