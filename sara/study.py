@@ -31,9 +31,9 @@ __all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'IMAGENET_MEAN', 'I
            'get_size', 'write_json', 'stage_result', 'need', 'run_stage', 'world_seeds', 'train_frames', 'world_scenes',
            'scene_prompts', 'stage_world', 'TextTable', 'make_text_table', 'stage_text', 'vae_config', 'psnr',
            'reconstruct', 'stage_vae', 'encoder_config', 'tube_mask', 'jepa_loss', 'pretrain_encoder', 'stage_encoder',
-           'token_labels', 'linear_probe', 'probe_encoders', 'random_encoder', 'probe_encoder', 'dit_config',
-           'stage_wan', 'cache_params', 'stage_cache', 'stage_stage1', 'run_params', 'run_finished', 'stage_train',
-           'load_study_run', 'stage_sample', 'clip_features', 'stage_score', 'viz_inputs', 'study_table',
+           'token_labels', 'linear_probe', 'probe_encoders', 'random_encoder', 'probe_encoder', 'probe_recipe',
+           'dit_config', 'stage_wan', 'cache_params', 'stage_cache', 'stage_stage1', 'run_params', 'run_finished',
+           'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score', 'viz_inputs', 'study_table',
            'table_markdown', 'loss_curves', 'sample_grid', 'report_figures', 'stage_report', 'run_study',
            'pack_results', 'unpack_results', 'study_cli']
 
@@ -575,7 +575,8 @@ def probe_encoders(
             tr, te = Y[:half].flatten(), Y[half:].flatten()
             xtr, xte = X[:half].flatten(0, 1), X[half:].flatten(0, 1)
             if k == "motion": xtr, xte, tr, te = xtr[tr >= 0], xte[te >= 0], tr[tr >= 0], te[te >= 0]
-            with torch.enable_grad(): res[k] = linear_probe(xtr, tr, xte, te, s.probe_steps)
+            with torch.enable_grad(), torch.random.fork_rng(devices=[]):   # the same probe initialisation for every encoder
+                torch.manual_seed(s.seed); res[k] = linear_probe(xtr, tr, xte, te, s.probe_steps)
         out[name] = res
     return out
 
@@ -591,6 +592,28 @@ def probe_encoder(root: Path, s: StudySize, dev) -> dict:
     "Linear probes of token colour, shape and motion: the trained encoder (loaded through sara.vfm.build_vfm) vs the same architecture with random weights."
     from sara.vfm import build_vfm
     return probe_encoders(dict(trained=build_vfm(str(root / "encoder" / "model")), random=random_encoder(s)), s, dev)
+
+
+# %% ../nbs/study.ipynb #de9e1a22
+def probe_recipe(
+    s: StudySize,   # the recipe: enc_* fields, mask_ratio, world_clips (training clips), probe_clips, probe_steps
+    dev=None,       # device (default: cuda if available)
+) -> dict:          # {recipe, wall_s (pre-training), loss [first, last], trained, trained_mid, random: {colour, shape, motion}}
+    """Pre-train the target encoder of `s` in memory (no study folder) and probe it, its first half of blocks
+    (`trained_mid`) and the same architecture with random weights, on the same probe clips with the same probe steps:
+    the measurement of the recipe search."""
+    from sara.vfm import FrozenVideoMAE
+    dev = _device() if dev is None else torch.device(dev)
+    t0 = time.perf_counter()
+    enc, hist = pretrain_encoder(s, train_frames(s, s.world_clips), dev)
+    wall = time.perf_counter() - t0
+    mid = copy.deepcopy(enc); mid.encoder.layer = mid.encoder.layer[:max(1, s.enc_layers // 2)]
+    encs = dict(trained=FrozenVideoMAE(enc.eval(), mean=IMAGENET_MEAN, std=IMAGENET_STD),
+                trained_mid=FrozenVideoMAE(mid.eval(), mean=IMAGENET_MEAN, std=IMAGENET_STD), random=random_encoder(s))
+    r = probe_encoders(encs, s, dev)
+    return dict(recipe=dict(objective=s.enc_objective, patch=s.enc_patch, mask_ratio=s.mask_ratio, steps=s.enc_steps, lr=s.enc_lr,
+                            size=s.size, n_frames=s.n_frames, clips=s.world_clips), wall_s=round(wall, 1),
+                loss=[hist[0]["loss"], hist[-1]["loss"]], **{k: {a: round(b, 3) for a, b in v.items()} for k, v in r.items()})
 
 
 # %% ../nbs/study.ipynb #f3d6f5be
