@@ -297,8 +297,9 @@ def check_sizes(
     table on some axis (`rope_max_seq_len` positions, diffusers' `WanRotaryPosEmbed` in transformer_wan.py slices its
     tables to the grid), or a clip whose frames and first VAE activation alone exceed the memory."""
     tr, vae = _wan_config(cfg.wan_model, "transformer"), _wan_config(cfg.wan_model, "vae")
-    s, ft = int(vae.get("scale_factor_spatial") or 8), int(vae.get("scale_factor_temporal") or 4)  # diffusers' defaults
-    pt, ph, pw = tr.get("patch_size", (1, 2, 2))
+    facts = wan_facts(cfg.wan_model)                                   # one reading of the spatial factor and patch (config)
+    s, (pt, ph, pw) = facts["spatial"], facts["patch"]
+    ft = int(vae.get("scale_factor_temporal") or 4)                    # diffusers' default
     rope = int(tr.get("rope_max_seq_len", 1024))
     grid = (((cfg.n_frames - 1) // ft + 1) // pt, cfg.height // (s * ph), cfg.width // (s * pw))
     where = f"rope_max_seq_len = {rope} of the {'tiny' if cfg.wan_model == 'tiny' else cfg.wan_model} transformer"
