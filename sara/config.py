@@ -14,11 +14,11 @@ from .trd import TRD_IMPLS
 
 # %% auto #0
 __all__ = ['SITE_DEFAULTS', 'SITE_PATH_KEYS', 'PACKAGED', 'METHODS', 'SALIENCY_SOURCES', 'DEVICES', 'LAM_SCHEDULES', 'EXPERTS',
-           'LOSS_WEIGHTINGS', 'MIXED_PRECISION', 'WEIGHTS_DTYPES', 'TASKS', 'RUN_CHOICES', 'TINY_FLOW_SHIFT',
-           'A14B_BOUNDARY', 'MODEL_FPS', 'packaged', 'find_settings', 'site_settings', 'ConfigError', 'config_error',
-           'closest', 'known_params', 'notebook_params', 'parse_bool', 'field_help', 'OneLineParser', 'dataclass_args',
-           'run_cli', 'RunConfig', 'wan_facts', 'check_expert', 'apply_wan_facts', 'make_config', 'save_config',
-           'load_config']
+           'LOSS_WEIGHTINGS', 'MIXED_PRECISION', 'WEIGHTS_DTYPES', 'TASKS', 'GRAD_CHECKPOINTING', 'COMPILE_MODES',
+           'RUN_CHOICES', 'TINY_FLOW_SHIFT', 'A14B_BOUNDARY', 'MODEL_FPS', 'packaged', 'find_settings', 'site_settings',
+           'ConfigError', 'config_error', 'closest', 'known_params', 'notebook_params', 'parse_bool', 'field_help',
+           'OneLineParser', 'dataclass_args', 'run_cli', 'RunConfig', 'wan_facts', 'check_expert', 'apply_wan_facts',
+           'make_config', 'save_config', 'load_config']
 
 # %% ../nbs/config.ipynb #0126f342
 SITE_DEFAULTS = dict(data_root="data/toy", manifest="manifest.jsonl", cache_dir="cache", runs_dir="runs",
@@ -86,10 +86,13 @@ LOSS_WEIGHTINGS = ("none", "bell")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 WEIGHTS_DTYPES = ("float32", "bfloat16")
 TASKS = ("t2v", "ti2v")  # text-to-video; text+image-to-video (TI2V-5B: first latent frame = clean image)
+GRAD_CHECKPOINTING = ("auto", "off", "full", "selective")  # training-speed levers (issue 15), resolved by `sara.train.resolve_levers`
+COMPILE_MODES = ("auto", "off", "regional")
 # RunConfig fields that take one of a fixed set of values (validation and `--help` read it)
 RUN_CHOICES = dict(method=METHODS, op=ROUTING_OPS, saliency=SALIENCY_SOURCES, trd_impl=TRD_IMPLS, device=DEVICES,
                    lam_schedule=LAM_SCHEDULES, expert=EXPERTS, loss_weighting=LOSS_WEIGHTINGS,
-                   mixed_precision=MIXED_PRECISION, weights_dtype=WEIGHTS_DTYPES, task=TASKS)
+                   mixed_precision=MIXED_PRECISION, weights_dtype=WEIGHTS_DTYPES, task=TASKS,
+                   grad_checkpointing=GRAD_CHECKPOINTING, compile=COMPILE_MODES)
 
 class ConfigError(ValueError):
     "A configuration field holds a value that is not allowed (subclasses name their dataclass in `owner`)."
@@ -248,7 +251,12 @@ class RunConfig:
     targets_in_loop: bool = False  # ablation: recompute the VFM target in every step instead of reading the cache
     mixed_precision: str = "no" # accelerate mixed precision: no | bf16 | fp16
     weights_dtype: str = "float32"  # dtype of the trained weights: float32 | bfloat16 (pure bf16, one-GPU 5B full fine-tuning)
-    grad_checkpointing: bool = False  # gradient checkpointing on the DiT blocks
+    grad_checkpointing: str = "auto"  # off | full (every DiT block) | selective (matmul and attention outputs kept, the rest recomputed) | auto (off when it fits in GPU memory, else selective, else full; off on the CPU)
+    attention_backend: str = ""  # diffusers attention backend: "" (unchanged: native SDPA) | auto (the measured best on CUDA) | a name of diffusers AttentionBackendName: native, flash, _native_cudnn, ...
+    compile: str = "auto"       # off | regional (torch.compile of each DiT block) | auto (regional on CUDA, off on the CPU)
+    fused_adamw: bool = True    # fused AdamW kernel on CUDA (the CPU keeps torch's default implementation)
+    fp32_modules: bool = True   # with bfloat16 weights, keep the modules Wan keeps in float32 (norms, time embedder, rope, scale_shift_table) in float32
+    context_parallel: int = 1   # GPUs that split one clip's token sequence (diffusers Ulysses attention, composed with FSDP2); 1: off
     device: str = "auto"        # auto | cpu | cuda
     log_every: int = 1          # metrics line every N steps
     tensorboard: bool = False   # also log to TensorBoard (accelerate tracker) under run_dir/tensorboard
@@ -272,6 +280,7 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         "Check every field; raise `ConfigError` naming the first bad one."
+        if isinstance(self.grad_checkpointing, bool): self.grad_checkpointing = "full" if self.grad_checkpointing else "off"  # configs written before issue 15
         def choice(name, allowed):
             if getattr(self, name) not in allowed: raise ConfigError(name, getattr(self, name), f"one of {', '.join(repr(a) if a == '' else a for a in allowed)}")
         for f in fields(self):
@@ -282,6 +291,11 @@ class RunConfig:
         choice("trd_impl", TRD_IMPLS); choice("device", DEVICES); choice("lam_schedule", LAM_SCHEDULES)
         choice("expert", EXPERTS); choice("loss_weighting", LOSS_WEIGHTINGS); choice("mixed_precision", MIXED_PRECISION)
         choice("weights_dtype", WEIGHTS_DTYPES); choice("task", TASKS)
+        choice("grad_checkpointing", GRAD_CHECKPOINTING); choice("compile", COMPILE_MODES)
+        if self.attention_backend not in ("", "auto"):
+            from diffusers.models.attention_dispatch import AttentionBackendName   # the names diffusers accepts
+            choice("attention_backend", ("", "auto", *(b.value for b in AttentionBackendName)))
+        if self.context_parallel < 1: raise ConfigError("context_parallel", self.context_parallel, "an integer >= 1 (1: off)")
         if self.targets_in_loop and self.method == "moalign":
             raise ConfigError("targets_in_loop", True, "False for moalign (its target comes from the Stage 1 motion layer)")
         for k in ("lam_warmup_steps", "lam_cutoff_step", "warmup_steps", "lora_rank", "checkpoint_every", "keep_last",

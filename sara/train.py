@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 
-from .config import RunConfig, make_config, save_config, ConfigError, apply_wan_facts, check_expert, dataclass_args, notebook_params, run_cli, RUN_CHOICES
+from .config import RunConfig, make_config, save_config, ConfigError, apply_wan_facts, wan_facts, check_expert, dataclass_args, notebook_params, run_cli, RUN_CHOICES
 from .checkpoint import write_checkpoint, latest_checkpoint, verify_checkpoint, set_aside_newer
 from .wan import (build_wan, dit_grid, FeatureTap, Projector, sample_sigmas, expert_window,
                       loss_weights, flow_matching_inputs, flow_matching_loss, dit_forward, drop_prompts)
@@ -24,12 +24,14 @@ from .grids import GridMap, align_dit, align_target, target_frames
 from .routing import budget_shares
 
 # %% auto #0
-__all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'resolve_device', 'batch_order', 'lr_factor', 'lam_at', 'cache_params',
-           'check_cache_settings', 'cache_folder', 'load_targets', 'collate_targets', 'Trainee', 'Models', 'add_lora',
-           'empty_prompt_embeds', 'build_models', 'trainable_parameters', 'step_losses', 'MetricsLog', 'read_metrics',
-           'truncate_metrics', 'full_state_dict', 'trained_weights', 'export_weights', 'load_checkpoint',
-           'check_run_dir', 'TrainState', 'resume_folder', 'make_accelerator', 'train', 'run_validation', 'plot_losses',
-           'cli_args', 'train_cli', 'launch']
+__all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'AUTO_CUDA', 'ACT_VALUES', 'KEPT_FP32', 'resolve_device', 'batch_order',
+           'lr_factor', 'lam_at', 'cache_params', 'check_cache_settings', 'cache_folder', 'load_targets',
+           'collate_targets', 'Trainee', 'Models', 'add_lora', 'empty_prompt_embeds', 'build_models',
+           'trainable_parameters', 'estimate_peak_gib', 'resolve_levers', 'step_tokens', 'fsdp_shards',
+           'selective_checkpoint', 'set_fp32_modules', 'enable_context_parallel', 'cp_gather', 'apply_levers',
+           'make_adamw', 'step_losses', 'MetricsLog', 'read_metrics', 'truncate_metrics', 'full_state_dict',
+           'trained_weights', 'export_weights', 'load_checkpoint', 'check_run_dir', 'TrainState', 'resume_folder',
+           'make_accelerator', 'train', 'run_validation', 'plot_losses', 'cli_args', 'train_cli', 'launch']
 
 # %% ../nbs/train.ipynb #9a5da4e7
 def resolve_device(
@@ -171,7 +173,7 @@ class Trainee(torch.nn.Module):
         "One DiT forward; the block's hidden states are captured and projected in the same call."
         with FeatureTap(self.dit, self.block) as tap:
             pred = dit_forward(self.dit, x_t, timesteps, prompt)
-            h = tap.features                                                   # B, N_dit, C
+            h = cp_gather(self.dit, tap.features)                              # B, N_dit, C (whole sequence under context parallelism)
         feats = self.projector(h.to(self.projector.net[0].weight.dtype)) if project else None
         return pred, feats
 
@@ -186,6 +188,7 @@ class Models:
     empty_prompt: torch.Tensor = None  # L, Dt embedding of the empty prompt (only with text_dropout > 0)
     block: int = 1              # the tapped DiT block
     trainee_call: object = None # the `Trainee` as wrapped by accelerate (DDP); default: a plain `Trainee`
+    levers: dict = None         # the training-speed levers as applied (`resolve_levers`)
 
     @property
     def dit(self):
@@ -238,7 +241,8 @@ def build_models(
         models.projector = Projector(dit.config.num_attention_heads * dit.config.attention_head_dim, target_dim)
     dit.to(device).train(); models.projector.to(device=device, dtype=dtype).train()
     if cfg.method == "sft": models.projector.requires_grad_(False)   # unused: no gradient, nothing for DDP to wait on
-    if cfg.grad_checkpointing: dit.enable_gradient_checkpointing()
+    models.levers = apply_levers(dit, resolve_levers(cfg, device, dit, step_tokens(cfg), shards=fsdp_shards()),
+                                 cfg.context_parallel, log=print if device.type == "cuda" else None)
     if cfg.text_dropout > 0: models.empty_prompt = empty_prompt_embeds(cfg.text_model).to(device)
     if cfg.targets_in_loop:
         from sara.vfm import build_vfm
@@ -248,6 +252,160 @@ def build_models(
 def trainable_parameters(models: Models) -> list:  # the parameters the optimiser updates
     "Parameters the run trains: the DiT (all of it, or only its LoRA adapter) and the projector."
     return [p for p in (*models.dit.parameters(), *models.projector.parameters()) if p.requires_grad]
+
+# %% ../nbs/train.ipynb #b8cf3d6e
+AUTO_CUDA = dict(attention_backend="_native_cudnn", compile="regional")   # the lever table's best on CUDA (bench/bench_levers.py)
+ACT_VALUES = dict(off=27.0, selective=16.0, full=4.4)  # bf16 values kept per token, layer and channel: off and full fitted to the H200 5B peaks (77.2, 46.7 GiB), selective a prior until bench_levers measures it
+KEPT_FP32 = "_keep_in_fp32_modules"
+
+def estimate_peak_gib(
+    n_params: int,          # parameters of the DiT
+    n_trainable: int,       # of them trained (LoRA: the adapter only)
+    weight_bytes: int,      # bytes per weight (4 float32, 2 bfloat16)
+    tokens: int,            # DiT tokens of one step (batch x grid), on this GPU
+    width: int,             # DiT hidden width
+    layers: int,            # DiT blocks
+    mode: str,              # checkpointing: off | selective | full
+    shards: int = 1,        # GPUs the weights and optimizer states are sharded over (FSDP)
+) -> float:                 # GiB
+    "Rough peak memory of one training step: weights, gradients and AdamW states, plus activations (`ACT_VALUES`)."
+    states = (n_params * weight_bytes + n_trainable * 3 * weight_bytes) / shards
+    per_layer = tokens * width * 2                                  # one bf16 value per token and channel
+    acts = ACT_VALUES[mode] * per_layer * layers + (ACT_VALUES["off"] * per_layer if mode == "full" else 0)  # + the block being recomputed
+    return (states + acts) / 2**30 + 2.0                            # + workspace
+
+def resolve_levers(
+    cfg: RunConfig,             # the run's levers (`grad_checkpointing`, `attention_backend`, `compile`, `fused_adamw`, `fp32_modules`)
+    device: torch.device,       # where the DiT runs
+    dit: torch.nn.Module,       # the DiT (size, width, blocks)
+    tokens: int,                # DiT tokens of one step on this GPU (batch x grid / context_parallel)
+    free_gib: float | None = None,  # free GPU memory (None: asked from CUDA; unused on the CPU)
+    shards: int = 1,            # FSDP shards of weights and optimizer states
+) -> dict:                      # the concrete levers and `why` (one line per automatic choice)
+    "Turn the `auto` levers into concrete ones: today's behaviour on the CPU, the measured best on CUDA (checkpointing by memory)."
+    ck = {True: "full", False: "off"}.get(cfg.grad_checkpointing, cfg.grad_checkpointing)
+    cuda, why = device.type == "cuda", []
+    out = dict(attention_backend=cfg.attention_backend, compile=cfg.compile, fused_adamw=cfg.fused_adamw and cuda,
+               fp32_modules=cfg.fp32_modules, grad_checkpointing=ck)
+    if shards > 1 and out["fp32_modules"] and next(dit.parameters()).dtype != torch.float32:
+        out["fp32_modules"] = False   # FSDP2 shards a block's parameters as one flat buffer of one dtype
+        why.append("fp32_modules -> False: FSDP2 needs one parameter dtype per block (use float32 weights with bf16 mixed precision instead)")
+    if out["attention_backend"] == "auto": out["attention_backend"] = AUTO_CUDA["attention_backend"] if cuda else ""
+    if out["compile"] == "auto": out["compile"] = AUTO_CUDA["compile"] if cuda else "off"
+    if ck == "auto":
+        if not cuda: out["grad_checkpointing"] = "off"
+        else:
+            if free_gib is None: free_gib = torch.cuda.mem_get_info(device)[0] / 2**30
+            n = sum(p.numel() for p in dit.parameters()); nt = sum(p.numel() for p in dit.parameters() if p.requires_grad)
+            wb = next(dit.parameters()).element_size()
+            size = dict(n_params=n, n_trainable=nt, weight_bytes=wb, tokens=tokens, shards=shards,
+                        width=dit.config.num_attention_heads * dit.config.attention_head_dim, layers=len(dit.blocks))
+            est = {m: estimate_peak_gib(mode=m, **size) for m in ("off", "selective", "full")}
+            fits = [m for m in ("off", "selective", "full") if est[m] <= 0.9 * free_gib]
+            out["grad_checkpointing"] = fits[0] if fits else "full"
+            why.append(f"grad_checkpointing=auto -> {out['grad_checkpointing']}: estimated peak "
+                       + ", ".join(f"{m} {v:.1f} GiB" for m, v in est.items()) + f" against 90% of {free_gib:.1f} GiB free"
+                       + ("" if fits else " (none fits: full, the smallest)"))
+    return dict(out, why=why)
+
+def step_tokens(
+    cfg: RunConfig,             # frames, height, width, batch_size, context_parallel, wan_model
+) -> int:                       # DiT tokens one GPU holds in a step
+    "DiT tokens of one step on one GPU, from the run's clip size and the model's VAE and patch (`wan_facts`)."
+    mh, mw = wan_facts(cfg.wan_model)["multiple"]
+    return cfg.batch_size * ((cfg.n_frames - 1) // 4 + 1) * (cfg.height // mh) * (cfg.width // mw) // cfg.context_parallel
+
+def fsdp_shards() -> int:      # processes the weights are sharded over (1 without FSDP)
+    "How many FSDP shards this process belongs to (accelerate launch sets ACCELERATE_USE_FSDP and WORLD_SIZE)."
+    return int(os.environ.get("WORLD_SIZE", "1")) if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else 1
+
+
+# %% ../nbs/train.ipynb #565bfb94
+_SAVED_OPS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward")
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    "Selective checkpoint policy: keep matmul and attention outputs, recompute everything else (pointwise, norms)."
+    from torch.utils.checkpoint import CheckpointPolicy
+    name = getattr(getattr(op, "overloadpacket", None), "__name__", "")
+    return CheckpointPolicy.MUST_SAVE if name in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+def selective_checkpoint(
+    module: torch.nn.Module,    # a DiT block (diffusers passes the block and its arguments)
+    *args,                      # the block's positional arguments
+):
+    "diffusers' `gradient_checkpointing_func` for `selective`: non-reentrant checkpoint with the matmul-saving policy."
+    import functools
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+    return checkpoint(module.__call__, *args, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, _save_matmuls))
+
+def set_fp32_modules(
+    dit: torch.nn.Module,       # a diffusers model with `_keep_in_fp32_modules`
+    keep: bool,                 # True: those modules in float32; False: in the dtype of the other weights
+) -> int:                       # how many tensors changed dtype
+    "Put the modules the model keeps in float32 in float32 (or back in the weights' dtype), as diffusers' loader matches them."
+    names = set(getattr(dit, KEPT_FP32, None) or ())
+    tensors = [(n, t) for n, t in (*dit.named_parameters(), *dit.named_buffers()) if t.is_floating_point()]
+    others = [t.dtype for n, t in tensors if not names & set(n.split("."))]
+    dtype = torch.float32 if keep else (others[0] if others else torch.float32)
+    changed = 0
+    for n, t in tensors:
+        if names & set(n.split(".")) and t.dtype != dtype:
+            t.data = t.data.to(dtype); changed += 1
+    return changed
+
+def enable_context_parallel(
+    dit: torch.nn.Module,       # a diffusers model with a `_cp_plan` (WanTransformer3DModel)
+    degree: int,                # GPUs splitting the token sequence (Ulysses all-to-all over heads)
+):
+    "diffusers' context parallelism over all `degree` ranks (torch.distributed must be initialised, world size = degree)."
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != degree:
+        got = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        raise ConfigError("context_parallel", degree, f"the number of processes ({got}): launch with accelerate, num_processes={degree}")
+    heads = dit.config.num_attention_heads
+    if heads % degree: raise ConfigError("context_parallel", degree, f"a divisor of the DiT's {heads} attention heads")
+    dit.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+
+def cp_gather(
+    dit: torch.nn.Module,       # the DiT (maybe under context parallelism)
+    h: torch.Tensor,            # B, N_local, C hidden states of a block (this rank's share of the sequence)
+) -> torch.Tensor:              # B, N, C the whole sequence (unchanged without context parallelism)
+    "Gather a tapped block's hidden states over the context-parallel ranks (gradient: this rank's slice), as diffusers gathers the output."
+    pc = getattr(dit, "_parallel_config", None)
+    if pc is None or pc.context_parallel_config is None: return h
+    from diffusers.hooks.context_parallel import EquipartitionSharder
+    return EquipartitionSharder.unshard(h, 1, pc.context_parallel_config._flattened_mesh)
+
+def apply_levers(
+    dit: torch.nn.Module,       # the DiT being trained, on its device
+    levers: dict,               # `resolve_levers` output
+    context_parallel: int = 1,  # `RunConfig.context_parallel`
+    compile_backend: str = "inductor",  # torch.compile backend ("eager" in CPU tests)
+    log=print,                  # where the lines saying what was chosen go (None: silent)
+) -> dict:                      # the levers applied
+    "Apply the levers to the DiT, in the order they compose: dtypes, attention, context parallelism, checkpointing, compilation."
+    set_fp32_modules(dit, levers["fp32_modules"])
+    if levers["attention_backend"]: dit.set_attention_backend(levers["attention_backend"])
+    if context_parallel > 1: enable_context_parallel(dit, context_parallel)
+    ck = levers["grad_checkpointing"]
+    if ck == "full": dit.enable_gradient_checkpointing()
+    elif ck == "selective": dit.enable_gradient_checkpointing(selective_checkpoint)
+    if levers["compile"] == "regional": dit.compile_repeated_blocks(backend=compile_backend)
+    if log is not None:
+        for line in levers["why"]: log(line)
+    return levers
+
+def make_adamw(
+    params: list,               # the trained parameters
+    cfg: RunConfig,             # lr, weight_decay
+    fused: bool = False,        # the resolved `fused_adamw` lever (True only on CUDA)
+) -> torch.optim.AdamW:
+    "The run's AdamW, with torch's fused kernel when asked."
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **(dict(fused=True) if fused else {}))
+
 
 # %% ../nbs/train.ipynb #81419f60
 def step_losses(
@@ -470,7 +628,7 @@ def train(
         from sara.data import ClipDataset
         clips = ClipDataset(cfg.manifest, n_frames=cfg.n_frames, size=(cfg.height, cfg.width), fps=cfg.fps)
         clip_pos = {r.id: k for k, r in enumerate(clips.records)}
-    opt = torch.optim.AdamW(trainable_parameters(models), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_adamw(trainable_parameters(models), cfg, fused=models.levers["fused_adamw"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps))
     models.trainee_call, opt, sched = acc.prepare(models.trainee(), opt, sched)
     params = trainable_parameters(models)   # after prepare: FSDP2 replaces parameters by sharded ones
@@ -511,7 +669,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(losses["total"]))
             if finite:
-                acc.backward(losses["total"])
+                acc.backward(losses["total"] * cfg.context_parallel)   # each rank back-propagates its share of the tokens (see `cp_gather`)
                 gnorm = acc.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 finite = bool(torch.isfinite(gnorm))
             if finite:

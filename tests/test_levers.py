@@ -1,0 +1,121 @@
+"Training-speed levers (issue 15) on the tiny Wan DiT, CPU: each lever gives the loss and gradients of the plain step."
+import pytest
+import torch
+
+from sara.config import ConfigError, RunConfig
+from sara.train import (apply_levers, build_models, make_adamw, resolve_levers, set_fp32_modules)
+from sara.wan import FeatureTap, Projector, build_wan, dit_forward
+
+OFF = dict(grad_checkpointing="off", attention_backend="", compile="off", fused_adamw=False, fp32_modules=True, why=[])
+
+
+def step(levers: dict, dtype=torch.float32, compile_backend="eager"):
+    "Loss and gradients of one flow-matching + tapped-feature step of a fresh tiny DiT with `levers` applied."
+    dit = build_wan("tiny", seed=0, dtype=dtype).transformer.train()
+    apply_levers(dit, dict(OFF, **levers), compile_backend=compile_backend, log=None)
+    torch.manual_seed(0)
+    proj = Projector(dit.config.num_attention_heads * dit.config.attention_head_dim, 16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 5, 8, 8, generator=g); prompt = torch.randn(2, 32, 384, generator=g)   # B, z, t, h, w; B, L, Dt
+    with FeatureTap(dit, 1) as tap:
+        pred = dit_forward(dit, x, torch.tensor([300.0, 700.0]), prompt)
+        feats = proj(tap.features.float())                                                      # B, N, 16
+    loss = (pred.float() - x).pow(2).mean() + feats.pow(2).mean()
+    loss.backward()
+    return dit, loss.detach(), {n: p.grad.float().clone() for n, p in dit.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return step({})
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_checkpointing_same_loss_and_gradients(plain, mode):
+    dit, loss, grads = step(dict(grad_checkpointing=mode))
+    assert dit.gradient_checkpointing
+    assert torch.equal(loss, plain[1])                      # the forward is the same computation
+    for n, g in grads.items():                              # recomputation: the same ops again (CPU: bitwise or nearly)
+        torch.testing.assert_close(g, plain[2][n], rtol=1e-5, atol=1e-7, msg=f"{mode}: gradient of {n}")
+
+
+@pytest.mark.parametrize("backend", ["native", "_native_math"])
+def test_attention_backend_same_loss_and_gradients(plain, backend):
+    _, loss, grads = step(dict(attention_backend=backend))
+    torch.testing.assert_close(loss, plain[1], rtol=1e-5, atol=1e-6)
+    for n, g in grads.items(): torch.testing.assert_close(g, plain[2][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_regional_compile_same_loss_and_gradients(plain):
+    "compile_repeated_blocks with the eager backend (dynamo traces each block; inductor is for the GPU)."
+    dit, loss, grads = step(dict(compile="regional", grad_checkpointing="selective"))
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in dit.blocks)
+    torch.testing.assert_close(loss, plain[1], rtol=1e-5, atol=1e-6)
+    for n, g in grads.items(): torch.testing.assert_close(g, plain[2][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fp32_modules_keep_their_dtype_and_are_closer_to_float32(plain):
+    kept, loss_kept, _ = step(dict(fp32_modules=True), dtype=torch.bfloat16)
+    cast, loss_cast, _ = step(dict(fp32_modules=False), dtype=torch.bfloat16)
+    names = set(kept._keep_in_fp32_modules)
+    for n, p in kept.named_parameters():
+        assert p.dtype == (torch.float32 if names & set(n.split(".")) else torch.bfloat16), n
+        assert p.grad.dtype == p.dtype, n
+    assert {p.dtype for p in cast.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(loss_kept, plain[1], rtol=2e-2, atol=2e-2)   # bf16 matmuls: loose, but the same step
+    opt = make_adamw([p for p in kept.parameters()], RunConfig(lr=1e-3))
+    opt.step()                                                               # AdamW keeps each parameter's dtype
+    assert kept.scale_shift_table.dtype == torch.float32 and kept.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+
+
+def test_fused_adamw_same_update():
+    "torch's fused AdamW (CPU kernel here; the run uses it on CUDA only) against the default implementation."
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    cfg = RunConfig(lr=1e-2, weight_decay=0.01)
+    oa, ob = make_adamw(a, cfg, fused=False), make_adamw(b, cfg, fused=True)
+    assert ob.defaults["fused"] and not oa.defaults.get("fused")
+    for k in range(3):
+        for p, q in zip(a, b): p.grad = torch.sin(p.detach() * (k + 1)); q.grad = p.grad.clone()
+        oa.step(); ob.step()
+    for p, q in zip(a, b): torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_defaults_resolve_to_todays_step_on_the_cpu():
+    cfg = RunConfig(wan_model="tiny", method="sft", batch_size=1).validate()
+    models = build_models(cfg, torch.device("cpu"), target_dim=16)
+    assert not models.dit.gradient_checkpointing
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in models.dit.blocks)
+    assert {k: models.levers[k] for k in ("grad_checkpointing", "compile", "attention_backend", "fused_adamw")} == \
+        dict(grad_checkpointing="off", compile="off", attention_backend="", fused_adamw=False)
+    assert {p.dtype for p in models.dit.parameters()} == {torch.float32}
+
+
+def test_auto_falls_back_to_checkpointing_when_it_does_not_fit():
+    dit = build_wan("tiny", seed=0).transformer
+    big = 10_000_000   # tokens: activations of tens of GiB at the tiny width
+    fit = resolve_levers(RunConfig(), torch.device("cuda"), dit, tokens=1000, free_gib=80.0)
+    assert fit["grad_checkpointing"] == "off" and "off" in fit["why"][0]
+    some = resolve_levers(RunConfig(), torch.device("cuda"), dit, tokens=big, free_gib=40.0)
+    tight = resolve_levers(RunConfig(), torch.device("cuda"), dit, tokens=big, free_gib=5.0)
+    assert (some["grad_checkpointing"], tight["grad_checkpointing"]) == ("selective", "full"), (some["why"], tight["why"])
+    assert "none fits" in tight["why"][0]
+    fixed = resolve_levers(RunConfig(grad_checkpointing="off"), torch.device("cuda"), dit, tokens=big, free_gib=5.0)
+    assert fixed["grad_checkpointing"] == "off" and fixed["why"] == []        # asked for explicitly: no override
+    bf16 = build_wan("tiny", seed=0, dtype=torch.bfloat16).transformer
+    fsdp = resolve_levers(RunConfig(), torch.device("cuda"), bf16, tokens=1000, free_gib=80.0, shards=2)
+    assert not fsdp["fp32_modules"] and any("FSDP2" in w for w in fsdp["why"])
+
+
+@pytest.mark.parametrize("field, value", [("grad_checkpointing", "some"), ("compile", "max"), ("attention_backend", "flash2"),
+                                          ("context_parallel", 0), ("fused_adamw", "yes"), ("fp32_modules", 1)])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"RunConfig.{field} = "):
+        RunConfig(**{field: value}).validate()
+
+
+def test_context_parallel_needs_the_processes():
+    dit = build_wan("tiny", seed=0).transformer
+    with pytest.raises(ConfigError, match="RunConfig.context_parallel = 2 .*number of processes"):
+        apply_levers(dit, dict(OFF), context_parallel=2, log=None)
