@@ -107,16 +107,26 @@ def _check_video(video) -> tuple:
         raise ValueError(f"video has C={video.shape[2]} channels at dim 2 of (B, T, C, H, W) (shape {tuple(video.shape)}); expected 3")
     return tuple(video.shape)
 
+def _grid_position_ids(m: nn.Module, h: int, w: int):
+    "A V-JEPA 2 attention layer's `get_position_ids` for an h x w patch grid: frame, row and column of every token."
+    def get_position_ids(x, masks=None):
+        # as transformers' VJEPA2RopeAttention.get_position_ids, with h * w tokens per frame and w per row instead of
+        # its square crop_size // patch_size grid (V-JEPA 2's own RoPEAttention takes H_patches, W_patches the same way)
+        ids = masks.unsqueeze(1).repeat(1, m.num_attention_heads, 1) if masks is not None else torch.arange(x.size(1), device=x.device)
+        frame = ids // (h * w)
+        rest = ids - h * w * frame
+        return frame, rest // w, rest - w * (rest // w)
+    return get_position_ids
+
 @contextmanager
-def _rope_grid(model: nn.Module, side: int):
-    "Temporarily set the RoPE patch-grid side of every V-JEPA 2 attention layer to `side`."
+def _rope_grid(model: nn.Module, h: int, w: int):
+    "Temporarily give every V-JEPA 2 attention layer the (h, w) patch grid of the input (square or not)."
     mods = [m for m in model.modules() if hasattr(m, "grid_size") and hasattr(m, "get_position_ids")]
-    old = [m.grid_size for m in mods]
     try:
-        for m in mods: m.grid_size = side
+        for m in mods: m.get_position_ids = _grid_position_ids(m, h, w)   # an instance attribute shadows the method
         yield
     finally:
-        for m, s in zip(mods, old): m.grid_size = s
+        for m in mods: m.__dict__.pop("get_position_ids", None)
 
 class FrozenVFM(FrozenModule):
     "A frozen V-JEPA 2 encoder: video (B, T, C, H, W) in [-1, 1] -> token grid (B, T', H', W', D)."
@@ -151,8 +161,6 @@ class FrozenVFM(FrozenModule):
         if C != 3:
             raise ValueError(f"video has C={C} channels at dim 2 of (B, T, C, H, W) (shape {tuple(video.shape)}); expected 3")
         self.geometry.grid(T, H, W)  # raises naming the bad dimension
-        if H != W:
-            raise ValueError(f"V-JEPA 2 in transformers needs square frames (RoPE grid); got H={H}, W={W}")
         x = video[:, : self.geometry.usable_frames(T)].float()
         x = ((x + 1) / 2 - self.mean) / self.std
         return x.to(next(self.model.parameters()).dtype)
@@ -165,11 +173,12 @@ class FrozenVFM(FrozenModule):
         x = self.preprocess(video)  # validates the shape
         B, T, C, H, W = video.shape
         t, h, w = self.geometry.grid(T, H, W)
-        with _rope_grid(self.model, w):
+        with _rope_grid(self.model, h, w):
             tokens = self.model(pixel_values_videos=x, skip_predictor=True).last_hidden_state  # B, N, D
         if tokens.shape[1] != t * h * w:
             raise RuntimeError(f"encoder returned {tokens.shape[1]} tokens, expected {t}x{h}x{w}={t * h * w}")
         return tokens.reshape(B, t, h, w, self.dim)
+
 
 # %% ../nbs/vfm.ipynb #9f83823c
 def read_vfm_preprocessing(
