@@ -7,12 +7,15 @@ Docs: https://sara-workbench.github.io/sara/checkpoint.html.md"""
 # %% ../nbs/checkpoint.ipynb #52a17e88
 from __future__ import annotations
 import errno, hashlib, json, os, re, shutil, time, warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+
 # %% auto #0
-__all__ = ['CKPT_RE', 'MANIFEST', 'CorruptCheckpoint', 'sha256_file', 'list_checkpoints', 'verify_checkpoint', 'write_checkpoint',
-           'latest_checkpoint', 'set_aside_newer']
+__all__ = ['CKPT_RE', 'MANIFEST', 'HASH_BLOCK', 'HASH_KIND', 'CorruptCheckpoint', 'sha256_file', 'hash_files', 'list_checkpoints',
+           'verify_checkpoint', 'write_checkpoint', 'latest_checkpoint', 'set_aside_newer', 'checkpoint_steps',
+           'disk_need', 'check_disk']
 
 # %% ../nbs/checkpoint.ipynb #cc83da22
 CKPT_RE = re.compile(r"^step_(\d{6,})$")
@@ -31,6 +34,33 @@ def sha256_file(
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
 
+HASH_BLOCK = 64 << 20   # bytes per block of `hash_files`: blocks are hashed in parallel, the file's digest hashes their digests
+HASH_KIND = "sha256-blocks-64MiB"  # the manifest's `hash` field for such digests (none: a plain `sha256_file` digest)
+
+def _block_digest(path: Path, offset: int, size: int) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while size > 0 and (b := f.read(min(size, 1 << 22))): h.update(b); size -= len(b)
+    return h.digest()
+
+def hash_files(
+    paths: list,                # files to hash
+    workers: int | None = None, # threads (default: the CPUs, at most 16); hashlib releases the GIL on large reads
+    block: int = HASH_BLOCK,    # block size (the digest depends on it: `HASH_KIND` names 64 MiB)
+) -> list[str]:                 # per file: hex SHA-256 over the concatenated SHA-256 digests of its blocks
+    """Hash large files fast: every block of every file in a thread pool (a 5B model's checkpoint is ~30 GB, one
+    SHA-256 stream reads ~1.5 GB/s). The digest is a Merkle-style hash of the block digests, so a flipped bit anywhere
+    changes it, as a plain SHA-256 would."""
+    paths = [Path(p) for p in paths]
+    jobs = [(i, p, o, min(block, p.stat().st_size - o)) for i, p in enumerate(paths) for o in range(0, max(p.stat().st_size, 1), block)]
+    with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as ex:
+        digests = list(ex.map(lambda j: _block_digest(j[1], j[2], j[3]), jobs))
+    out = [hashlib.sha256() for _ in paths]
+    for (i, *_), d in zip(jobs, digests): out[i].update(d)
+    return [h.hexdigest() for h in out]
+
+
 # %% ../nbs/checkpoint.ipynb #684fe0d8
 def list_checkpoints(
     root: str | Path,           # the `checkpoints/` folder of a run
@@ -43,6 +73,7 @@ def list_checkpoints(
 
 def verify_checkpoint(
     folder: str | Path,         # a checkpoint folder
+    hashes: bool = True,        # also check every file's digest (False: presence and sizes only)
 ) -> dict:                      # its manifest
     "Check every file of a checkpoint against its manifest; raise `CorruptCheckpoint` naming the file at fault."
     folder = Path(folder)
@@ -50,13 +81,21 @@ def verify_checkpoint(
     if not mf.is_file(): raise CorruptCheckpoint(f"{folder}: no {MANIFEST} (an interrupted or foreign checkpoint)")
     try: man = json.loads(mf.read_text())
     except json.JSONDecodeError as e: raise CorruptCheckpoint(f"{mf}: not JSON ({e.msg})") from None
-    for name, rec in man.get("files", {}).items():
+    files = man.get("files", {})
+    for name, rec in files.items():
         f = folder / name
         if not f.is_file(): raise CorruptCheckpoint(f"{f}: listed in {MANIFEST} but missing")
         if f.stat().st_size != rec["size"]:
             raise CorruptCheckpoint(f"{f}: size {f.stat().st_size} bytes, manifest says {rec['size']} (truncated?)")
-        if sha256_file(f) != rec["sha256"]: raise CorruptCheckpoint(f"{f}: SHA-256 does not match {MANIFEST} (corrupted)")
+    if not hashes: return man
+    blocks = [n for n, r in files.items() if r.get("hash") == HASH_KIND]          # parallel block digests
+    for name, got in zip(blocks, hash_files([folder / n for n in blocks])):
+        if got != files[name]["sha256"]: raise CorruptCheckpoint(f"{folder / name}: SHA-256 does not match {MANIFEST} (corrupted)")
+    for name, rec in files.items():                                               # manifests written before them
+        if rec.get("hash") is None and sha256_file(folder / name) != rec["sha256"]:
+            raise CorruptCheckpoint(f"{folder / name}: SHA-256 does not match {MANIFEST} (corrupted)")
     return man
+
 
 # %% ../nbs/checkpoint.ipynb #5434ca5a
 def _fsync_dir(d: Path):
@@ -74,8 +113,9 @@ def write_checkpoint(
     meta: dict | None = None,   # extra JSON-able fields for the manifest (config, version, ...)
     is_main: bool = True,       # several processes: only the main one creates, checksums and renames
     barrier: Callable[[], None] = lambda: None,  # several processes: waits for all of them (`accelerator.wait_for_everyone`)
+    report: Callable[[str], None] = lambda m: None,  # receives one line: size, write and hash seconds (`print` in training)
 ) -> Path:                      # the finished folder
-    "Write a checkpoint atomically: into a temporary folder, manifest with checksums, verify, rename, then prune."
+    "Write a checkpoint atomically: into a temporary folder, manifest with checksums (and size, write and hash seconds), check, rename, then prune."
     root = Path(root)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}"
@@ -94,6 +134,7 @@ def write_checkpoint(
         code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
         raise OSError(code, f"saving checkpoint step {step} into {root} failed ({why}); {keep}") from e
     barrier()
+    t0 = time.perf_counter()
     try: save_fn(tmp)                         # every process writes its part (sharded states)
     except BaseException as e:
         if is_main: fail(e)
@@ -102,20 +143,27 @@ def write_checkpoint(
     if not is_main:
         barrier(); return final
     try:
-        files = {str(p.relative_to(tmp)): dict(size=p.stat().st_size, sha256=sha256_file(p))
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        man = dict(step=step, created=time.strftime("%Y-%m-%dT%H:%M:%S"), files=files, **(meta or {}))
+        t_hash = time.perf_counter()
+        paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+        files = {str(p.relative_to(tmp)): dict(size=p.stat().st_size, sha256=h, hash=HASH_KIND)
+                 for p, h in zip(paths, hash_files(paths))}
+        t_hash = time.perf_counter() - t_hash
+        nbytes = sum(r["size"] for r in files.values())
+        man = dict(step=step, created=time.strftime("%Y-%m-%dT%H:%M:%S"), files=files, bytes=nbytes,
+                   write_seconds=round(time.perf_counter() - t0 - t_hash, 3), hash_seconds=round(t_hash, 3), **(meta or {}))
         with open(tmp / MANIFEST, "w") as f:
             json.dump(man, f, indent=1); f.flush(); os.fsync(f.fileno())
-        verify_checkpoint(tmp)
+        verify_checkpoint(tmp, hashes=False)   # the digests were just taken from these files; a resume re-hashes them
         _fsync_dir(tmp)
         os.replace(tmp, final)
         _fsync_dir(root)
     except BaseException as e: fail(e)
-    if keep_last > 0:
+    report(f"checkpoint {final}: {nbytes / 2**30:.2f} GiB written in {man['write_seconds']:.1f} s, hashed in {t_hash:.1f} s")
+    if keep_last > 0:   # only after the new one is in place and checked: the newest good checkpoint is never deleted
         for _, old in list_checkpoints(root)[:-keep_last]: shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
 
 # %% ../nbs/checkpoint.ipynb #0d7e33d6
 def latest_checkpoint(
@@ -151,3 +199,43 @@ def set_aside_newer(
         report(f"moved {kind} checkpoint {folder.name} (newer than the resumed step {step}) aside to {dst}")
         moved.append(dst)
     return moved
+
+# %% ../nbs/checkpoint.ipynb #6761cec6
+def checkpoint_steps(
+    start: int,                 # steps already done (0: a fresh run; a resumed run: its checkpoint's step)
+    steps: int,                 # the run's last step
+    every: int,                 # `checkpoint_every` (0: no checkpoints)
+) -> list[int]:                 # the steps at which this run writes a full-state checkpoint
+    "Every `every` steps and at the last step, after `start`."
+    return [] if every <= 0 else [s for s in range(start + 1, steps + 1) if s % every == 0 or s == steps]
+
+def disk_need(
+    ckpt_bytes: int,            # bytes of one full-state checkpoint
+    n_new: int,                 # checkpoints this run will write
+    n_existing: int,            # finished checkpoints already in the folder
+    keep_last: int,             # checkpoints kept after each write (0: all)
+    export_bytes: int = 0,      # bytes of the weights-only export written after the last step (0: none)
+) -> int:                       # free bytes the rest of the run needs at its fullest moment
+    """Pruning happens only after a new checkpoint is complete, so while one is written the kept ones are still there:
+    the disk peaks at `keep_last + 1` checkpoints (fewer when the run writes fewer). The export comes last, next to
+    the checkpoints then kept (and, replacing an earlier export, next to it until the rename)."""
+    on, peak = n_existing, n_existing
+    for _ in range(n_new):
+        on += 1; peak = max(peak, on)
+        if keep_last > 0: on = min(on, keep_last)
+    return max((peak - n_existing) * ckpt_bytes, (on - n_existing) * ckpt_bytes + export_bytes)
+
+def check_disk(
+    folder: str | Path,         # where the bytes go (need not exist yet: its nearest existing parent is measured)
+    need: int,                  # bytes needed
+    what: str,                  # what they are, for the message
+) -> int:                       # free bytes there
+    "Refuse, before the work, a write the disk cannot hold: `OSError(ENOSPC)` naming the folder, the need and the free space."
+    p = Path(folder).resolve()
+    while not p.exists(): p = p.parent
+    free = shutil.disk_usage(p).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{folder}: {what} need {need / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free there; "
+                      "free space, lower keep_last or checkpoint_every, or point run_dir at a larger disk")
+    return free
+

@@ -256,13 +256,12 @@ def build_precompute_models(
     device: torch.device | None = None,  # default: `cfg.device`
 ) -> PrecomputeModels:
     "Build the frozen VAE, prompt encoder, embedder, VFM (and mask provider) of a pass; tiny models from `cfg.seed`."
-    from sara.wan import build_wan
+    from sara.wan import build_vae
     from sara.vfm import build_vfm
     from sara.text import build_text_encoder, build_embedder, MiniLMEncoder
     from sara.masks import build_mask_provider, build_flow_provider
     device = resolve_precompute_device(cfg.device) if device is None else device
-    wan = build_wan(cfg.wan_model, seed=cfg.seed)
-    vae = wan.vae.to(device); del wan  # the DiT is not needed here
+    vae = build_vae(cfg.wan_model, seed=cfg.seed).to(device)  # the VAE alone: the DiT (5B: 20 GB in float32) is not read
     vfm = build_vfm(cfg.vfm_model, seed=cfg.seed, dtype=DTYPES[cfg.compute_dtype]).to(device)
     text = build_text_encoder(cfg.text_model).to(device)
     share = cfg.embedder == "minilm" and isinstance(text, MiniLMEncoder)

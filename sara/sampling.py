@@ -91,7 +91,8 @@ def build_pipeline(
     index = Path(str(cfg.wan_model)) / "model_index.json"
     info = json.loads(index.read_text()) if cfg.wan_model != "tiny" and index.is_file() else {}
     wan = models.wan
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=wan.vae,
+    dev = (wan.transformer or wan.transformer_2).device   # the VAE stays on the CPU in training; it decodes where the DiT runs
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=wan.vae.to(dev),
                        scheduler=sampling_scheduler(cfg.wan_model, wan.scheduler, shift), transformer=wan.transformer,
                        transformer_2=wan.transformer_2,
                        boundary_ratio=wan.boundary_ratio if wan.transformer_2 is not None else None,
