@@ -119,3 +119,23 @@ def test_context_parallel_needs_the_processes():
     dit = build_wan("tiny", seed=0).transformer
     with pytest.raises(ConfigError, match="RunConfig.context_parallel = 2 .*number of processes"):
         apply_levers(dit, dict(OFF), context_parallel=2, log=None)
+
+
+def test_lever_bench_smoke(tmp_path):
+    "bench/bench_levers.py at smoke size on the CPU: rows, the combination and the JSON (CUDA-only backends are skipped)."
+    import importlib.util, json
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_levers", Path(__file__).parents[1] / "bench" / "bench_levers.py")
+    bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+    out = tmp_path / "levers.json"
+    bench.main(["--device", "cpu", "--dit", "small", "--layers", "2", "--frames", "9", "--height", "64", "--width", "64",
+                "--steps", "1", "--warmup", "1", "--rows", "checkpointing selective,attention _native_cudnn", "--out", str(out)])
+    res = json.loads(out.read_text())
+    names = [(r["name"], r["method"]) for r in res["rows"]]
+    assert names == [(n, m) for n in ("today", "checkpointing selective", "best") for m in ("sft", "sara")], names
+    assert all("ms" in r and r["fm"] == r["fm"] for r in res["rows"]), [r.get("error") for r in res["rows"]]
+    sel = [r for r in res["rows"] if r["name"] == "checkpointing selective"]
+    today = [r for r in res["rows"] if r["name"] == "today"]
+    for a, b in zip(sel, today): assert abs(a["fm"] - b["fm"]) < 1e-2   # same noise; lr 1e-5 barely moves the shared DiT between rows
+    assert any("_native_cudnn" in s for s in res["skipped"])
+    assert set(res["chosen"]) == set(bench.TODAY)
