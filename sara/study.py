@@ -14,6 +14,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -33,8 +34,8 @@ __all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'IMAGENET_MEAN', 'I
            'reconstruct', 'stage_vae', 'encoder_config', 'tube_mask', 'jepa_loss', 'pretrain_encoder', 'stage_encoder',
            'token_labels', 'linear_probe', 'probe_encoders', 'random_encoder', 'probe_encoder', 'probe_recipe',
            'dit_config', 'stage_wan', 'cache_params', 'stage_cache', 'stage_stage1', 'run_params', 'run_finished',
-           'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score', 'viz_inputs', 'study_table',
-           'table_markdown', 'loss_curves', 'sample_grid', 'report_figures', 'stage_report', 'run_study',
+           'gpu_slots', 'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score', 'viz_inputs',
+           'study_table', 'table_markdown', 'loss_curves', 'sample_grid', 'report_figures', 'stage_report', 'run_study',
            'pack_results', 'unpack_results', 'study_cli']
 
 # %% ../nbs/study.ipynb #dc2a3666
@@ -53,6 +54,7 @@ class StudySize:
     vae_steps: int = 1500        # VAE optimisation steps
     vae_batch: int = 8           # clips per VAE step
     vae_lr: float = 1e-3         # VAE AdamW learning rate (cosine decay)
+    vae_frames: int = 0          # frames of each VAE training clip (4k+1, a random window of the clip; 0 = n_frames): the causal VAE is convolutional in time, shorter clips make cheaper steps
     kl_weight: float = 1e-6      # weight of the KL term of the VAE loss
     enc_hidden: int = 128        # VideoMAE width D
     enc_layers: int = 4          # VideoMAE encoder blocks
@@ -65,6 +67,7 @@ class StudySize:
     enc_objective: str = "mae"   # mae: masked pixel reconstruction; jepa: feature prediction against an EMA target encoder
     enc_ema: float = 0.99        # jepa: EMA momentum of the target encoder (per step)
     mask_ratio: float = 0.75     # VideoMAE tube-masking ratio
+    enc_norm_pix: bool = True    # mae: reconstruct per-patch normalised pixels (VideoMAE default) instead of raw pixels
     probe_steps: int = 300       # full-batch steps of each linear probe
     dit_heads: int = 4           # DiT attention heads
     dit_head_dim: int = 64       # DiT head width (DiT width = heads x head_dim)
@@ -119,6 +122,8 @@ def get_size(
     unknown = [m for m in s.methods if m not in METHODS]
     if unknown: raise ValueError(f"unknown study method(s) {unknown}; known: {list(METHODS)}")
     if (s.n_frames - 1) % 4 or s.size % 16: raise ValueError(f"n_frames must be 4k+1 and size a multiple of 16, got {s.n_frames}, {s.size}")
+    if s.vae_frames and ((s.vae_frames - 1) % 4 or not 1 <= s.vae_frames <= s.n_frames):
+        raise ValueError(f"StudySize.vae_frames must be 0 or 4k+1 and at most n_frames={s.n_frames}, got {s.vae_frames}")
     return s
 
 
@@ -373,7 +378,10 @@ def stage_vae(root: Path, s: StudySize, d: Path) -> dict:
     sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: _cosine(k, s.vae_steps))
     g, hist = torch.Generator().manual_seed(s.seed), []
     for step in range(s.vae_steps):
-        x = _to_unit(frames[torch.randint(0, len(frames), (s.vae_batch,), generator=g)], dev)   # B, 3, T, H, W
+        idx = torch.randint(0, len(frames), (s.vae_batch,), generator=g)
+        Tv = s.vae_frames or s.n_frames
+        off = int(torch.randint(0, s.n_frames - Tv + 1, (1,), generator=g)) if Tv < s.n_frames else 0
+        x = _to_unit(frames[idx][:, off:off + Tv], dev)                                     # B, 3, Tv, H, W
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample
@@ -412,7 +420,7 @@ def encoder_config(s: StudySize):  # transformers.VideoMAEConfig
                           hidden_size=h, num_hidden_layers=s.enc_layers, num_attention_heads=s.enc_heads,
                           intermediate_size=4 * h, decoder_hidden_size=h // 2, decoder_num_hidden_layers=2,
                           decoder_num_attention_heads=max(1, s.enc_heads // 2), decoder_intermediate_size=2 * h,
-                          norm_pix_loss=True, use_mean_pooling=False)
+                          norm_pix_loss=s.enc_norm_pix, use_mean_pooling=False)
 
 def _normalise(frames: torch.Tensor, dev) -> torch.Tensor:  # uint8 (B, T, 3, H, W) -> normalised float
     m = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 1, 3, 1, 1); sd = torch.tensor(IMAGENET_STD, device=dev).view(1, 1, 3, 1, 1)
@@ -713,20 +721,37 @@ def run_finished(run_dir: Path) -> bool:  # did this run export its weights and 
     "A run is finished when its weights export and its wall-time record exist."
     return (run_dir / "checkpoint" / "transformer.safetensors").is_file() and (run_dir / "wall.json").is_file()
 
-def _env() -> dict:
+def gpu_slots(
+    workers: int,               # concurrent processes
+    n_gpus: int | None = None,  # GPUs to spread them over (None: the visible ones; 0: none, a CPU machine)
+) -> queue.Queue:               # one entry per worker: its GPU index, or None
+    "Worker slots spread round-robin over the GPUs of the machine: a process takes a slot and gives it back when it ends."
+    n = torch.cuda.device_count() if n_gpus is None else n_gpus
+    q = queue.Queue()
+    for k in range(workers): q.put(k % n if n else None)
+    return q
+
+def _env(gpu: int | None = None, workers: int = 1) -> dict:
+    "The environment of a worker process: this package first on the path, its GPU alone visible, its share of the CPU threads."
     import sara
     env = dict(os.environ)
     top = str(Path(sara.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = top + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("HF_HUB_OFFLINE", "1"); env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, workers))))   # no oversubscription
+    if gpu is not None: env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     return env
 
 def _launch_run(args) -> dict:
-    argv, run_dir = args
+    argv, run_dir, slots, workers = args
     run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with open(run_dir / "log.txt", "w") as log:
-        rc = subprocess.run([sys.executable, "-m", "sara.train", *argv], stdout=log, stderr=subprocess.STDOUT, env=_env()).returncode
+    gpu = slots.get()
+    try:
+        with open(run_dir / "log.txt", "w") as log:
+            rc = subprocess.run([sys.executable, "-m", "sara.train", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                env=_env(gpu, workers)).returncode
+    finally: slots.put(gpu)
     wall = round(time.perf_counter() - t0, 2)
     if rc != 0: raise RuntimeError(f"run {run_dir.name} failed (exit {rc}); see {run_dir / 'log.txt'}:\n" + (run_dir / "log.txt").read_text()[-2000:])
     write_json(run_dir / "wall.json", dict(wall_s=wall))
@@ -744,7 +769,8 @@ def stage_train(root: Path, s: StudySize, d: Path) -> dict:
             if run_finished(Path(cfg.run_dir)): continue
             jobs.append((cli_args(cfg), cfg.run_dir, cfg))
     if s.workers > 1:   # independent `sara-train` processes, several at a time on one device
-        with cf.ThreadPoolExecutor(s.workers) as ex: list(ex.map(_launch_run, [j[:2] for j in jobs]))
+        slots = gpu_slots(s.workers)
+        with cf.ThreadPoolExecutor(s.workers) as ex: list(ex.map(_launch_run, [(*j[:2], slots, s.workers) for j in jobs]))
     else:               # one at a time through the python API (what the CPU micro study does)
         from sara.train import train
         for _, rd, cfg in jobs:
@@ -777,7 +803,8 @@ def _projector_dim(rd: Path) -> int:
         return fh.get_slice(sorted(k for k in fh.keys() if k.endswith(".weight"))[-1]).get_shape()[0]
 
 def _sample_one(args) -> str:
-    root, s, run, out = args
+    root, s, run, out, gpu = args
+    if gpu is not None: os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)   # a fresh process (spawn): CUDA not initialised yet
     from sara.sampling import build_pipeline, sample_videos
     root, dev = Path(root), _device()
     cfg, models = load_study_run(root, s, run, dev)
@@ -796,9 +823,12 @@ def stage_sample(root: Path, s: StudySize, d: Path) -> dict:
     from sara.data import write_video
     need(root, "train")
     runs = ["step0"] + stage_result(root, "train")["result"]["runs"]
+    n_gpus = torch.cuda.device_count() if s.workers > 1 else 0
     todo = [(str(root), s, r, str(d / r)) for r in runs if not (d / r / "index.json").is_file()]
+    todo = [(*j, k % n_gpus if n_gpus else None) for k, j in enumerate(todo)]   # spread over the GPUs, one process per run
     if todo and s.workers > 1:
-        with cf.ProcessPoolExecutor(min(s.workers, len(todo)), mp_context=mp.get_context("spawn")) as ex: list(ex.map(_sample_one, todo))
+        with cf.ProcessPoolExecutor(min(s.workers, len(todo)), mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as ex:
+            list(ex.map(_sample_one, todo))
     else:
         for job in todo: _sample_one(job)
     for which in ("heldout", "reference"):
@@ -1120,7 +1150,7 @@ def study_cli(argv: list[str] | None = None):  # command-line arguments (default
             k, _, v = kv.partition("=")
             try: over[k] = json.loads(v)
             except json.JSONDecodeError: over[k] = v
-        recs = run_study(a.root, a.size, a.stage, a.force, a.carry or None, **over)
+        recs = run_study(a.root, get_size(a.size, **over), a.stage, a.force, a.carry or None)   # `size` is also a field
         print(json.dumps({n: r["wall_s"] for n, r in recs.items()}))
         runs = None if a.pack_runs is None else [r for r in a.pack_runs.split(",") if r and r != "none"]
         if a.pack: print(pack_results(a.root, a.pack, runs=runs))

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Issue 13 on the device machine (2 x H200 kind, or one GPU: then both parts use GPU 0), from the repository root.
+#   bench/study_device.sh sweep    recipe sweep (bench/study_sweep.py: VAE recipes on GPU 0, encoder recipes on the last GPU),
+#                                  then the study's world, text, vae, encoder, wan, cache and stage1 with the chosen recipes
+#   bench/study_device.sh stage2   Stage 2 (every method and seed, 4 runs per GPU) and sampling; packs the records and
+#                                  samples into $OUT (scoring and the report run on any CPU: sara-study --unpack)
+# CARRY: finished world/ (scenes.json) and text/ (the MiniLM table, built where MiniLM is installed).
+# WHL: wheels of what the device image lacks (diffusers, av, importlib_metadata, fastcore for its python).
+# BACK: the sweep part's returned files (chosen.json, chosen.tgz), used by stage2 when this machine is a fresh one.
+set -o pipefail
+PART=${1:?usage: bench/study_device.sh sweep|stage2}
+WHL=${WHL:-.h13/whl}; CARRY=${CARRY:-.h13/carry3}; BACK=${BACK:-.h13/back1}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+R=${R:-/tmp/study}; S=${S:-/tmp/sweep}
+PY=${PY:-python3}; SIZE=${SIZE:-default}
+if [ -n "$WHL" ]; then $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $WHL/*.whl || exit 1; fi
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+F="Loading weights\|Writing model\|float32: \[\]\|LOAD REPORT\|UNEXPECTED\|^Key \|^---\|^Notes\|can be ignored\|^$"
+NG=$($PY -c "import torch; print(torch.cuda.device_count())"); W=$(( NG > 0 ? 4 * NG : 1 ))
+chosen_set() { $PY -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['set']))" "$1"; }
+front() {   # world .. stage1 of the study with the chosen recipes (finished stages are skipped)
+  timeout ${2:-150} $PY -m sara.study --size $SIZE --stage world,text,vae,encoder,wan,cache,stage1 --root $R --carry "$1" \
+    --set $(chosen_set "$3") 2>&1 | grep -v "$F" | tee -a $OUT/$PART.log
+}
+case $PART in
+  sweep)
+    timeout 460 $PY bench/study_sweep.py --size $SIZE --root $S ${SWEEP_ARGS:-} --carry $CARRY --vae-gpu 0 --enc-gpu $(( NG > 1 ? NG - 1 : 0 )) --timeout 430 \
+      2>&1 | grep -v "$F" | tee $OUT/sweep.log || { echo "sweep failed: nothing chosen"; exit 1; }
+    cp $S/chosen.json $OUT/
+    tar czf $OUT/chosen.tgz -C $S/chosen world vae encoder
+    front $S/chosen 120 $S/chosen.json
+    $PY -c "import json; from pathlib import Path; print({p.parent.name: json.loads(p.read_text())['wall_s'] for p in sorted(Path('$R').glob('*/done.json'))})" | tee -a $OUT/sweep.log
+    ;;
+  stage2)
+    if [ ! -f $R/stage1/done.json ]; then   # a fresh machine: rebuild the front of the study from the sweep's files
+      mkdir -p /tmp/back && tar xzf $BACK/chosen.tgz -C /tmp/back && cp -r $CARRY/text /tmp/back/chosen/
+      front /tmp/back/chosen 200 $BACK/chosen.json
+    fi
+    SET=$($PY - "$R" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1] + "/study.json"))["size"]   # the study's own size, so the folder check passes
+print(" ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in s.items() if k not in ("name", "workers")))
+PY
+)
+    timeout ${TRAIN_S:-400} $PY -m sara.study --size $SIZE --stage train --root $R --set $SET workers=$W 2>&1 | grep -v "$F" | tail -5 | tee -a $OUT/stage2.log
+    timeout ${SAMPLE_S:-110} $PY -m sara.study --size $SIZE --stage sample --root $R --set $SET workers=$W 2>&1 | grep -v "$F" | tail -5 | tee -a $OUT/stage2.log
+    $PY -c "from sara.study import pack_results as p; print(p('$R', '$OUT', runs=[]))" 2>&1 | tail -2 | tee -a $OUT/stage2.log
+    ;;
+  *) echo "unknown part $PART (sweep|stage2)"; exit 2 ;;
+esac
+ls -la $OUT
