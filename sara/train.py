@@ -31,7 +31,8 @@ __all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'AUTO_CUDA', 'ACT_VALUES', 'K
            'selective_checkpoint', 'set_fp32_modules', 'enable_context_parallel', 'cp_gather', 'apply_levers',
            'make_adamw', 'step_losses', 'MetricsLog', 'read_metrics', 'truncate_metrics', 'full_state_dict',
            'trained_weights', 'export_weights', 'load_checkpoint', 'check_run_dir', 'TrainState', 'resume_folder',
-           'make_accelerator', 'train', 'run_validation', 'plot_losses', 'cli_args', 'train_cli', 'launch']
+           'checkpoint_budget', 'make_accelerator', 'train', 'run_validation', 'plot_losses', 'cli_args', 'train_cli',
+           'launch']
 
 # %% ../nbs/train.ipynb #9a5da4e7
 def resolve_device(
@@ -591,6 +592,34 @@ def resume_folder(
     verify_checkpoint(ck)   # raises CorruptCheckpoint naming the file
     return ck
 
+# %% ../nbs/train.ipynb #e333d477
+def checkpoint_budget(
+    cfg: RunConfig,         # checkpoint_every, keep_last, steps, lora_rank, run_dir
+    models: Models,         # the run's models (after `build_models`)
+    start: int,             # the step this call starts from
+    ema: bool = False,      # the run keeps an EMA of the trained weights (checkpointed and exported too)
+    report=print,           # receives the one-line budget
+) -> dict:                  # checkpoint_bytes, export_bytes, n_new, need, free
+    """What this run's checkpoints and export will take on disk, printed before the first step; `OSError(ENOSPC)` naming
+    the folder when the disk cannot hold them. A full-state checkpoint is accelerate's `model.safetensors` (every
+    weight of the DiT and the projector) plus AdamW's two moments (`exp_avg`, `exp_avg_sq`, each the size of the
+    trained parameters, in their dtype) plus the EMA shadow: Wan2.2-TI2V-5B in bf16 (`weights_dtype='bfloat16'`) is
+    10 + 20 = 30 GB, in float32 with bf16 autocast 20 + 40 = 60 GB."""
+    from sara.checkpoint import checkpoint_steps, disk_need, check_disk, list_checkpoints
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    weights = nbytes(models.dit.state_dict().values()) + nbytes(models.projector.state_dict().values())
+    trained = nbytes(trainable_parameters(models))
+    ck = weights + 2 * trained + (trained if ema else 0)
+    export = (trained if cfg.lora_rank > 0 else weights) * (2 if ema else 1)
+    root = Path(cfg.run_dir) / "checkpoints"
+    n_new, n_old = len(checkpoint_steps(start, cfg.steps, cfg.checkpoint_every)), len(list_checkpoints(root))
+    need = disk_need(ck, n_new, n_old, cfg.keep_last, export)
+    what = f"{n_new} checkpoint(s) of {ck / 2**30:.2f} GiB (keep_last={cfg.keep_last}, {n_old} there) and a {export / 2**30:.2f} GiB export"
+    free = check_disk(root, need, what)
+    report(f"disk: {what}: {need / 2**30:.2f} GiB needed in {root}, {free / 2**30:.1f} GiB free")
+    return dict(checkpoint_bytes=ck, export_bytes=export, n_new=n_new, need=need, free=free)
+
+
 # %% ../nbs/train.ipynb #f3feae4b
 def make_accelerator(cfg: RunConfig):
     "An `accelerate.Accelerator` for the run (mixed precision, TensorBoard tracker, CPU when asked)."
@@ -636,13 +665,14 @@ def train(
     ema = EMAModel(params, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     acc.register_for_checkpointing(state)
     if ema is not None: acc.register_for_checkpointing(ema)
-    ck = resume_folder(cfg)
+    t_ck = time.perf_counter(); ck = resume_folder(cfg); t_ck = time.perf_counter() - t_ck   # verifies the checksums
     if ck is not None:
-        acc.load_state(str(ck))
-        print(f"resumed from {ck} at step {state.step}")
+        t_load = time.perf_counter(); acc.load_state(str(ck)); t_load = time.perf_counter() - t_load
+        print(f"resumed from {ck} at step {state.step} (verified in {t_ck:.1f} s, loaded in {t_load:.1f} s)")
     if main and cfg.resume:   # newer checkpoints would block the steps this run writes next; with "latest"
         # they are newer only because they failed verification, else they were named past on purpose
         set_aside_newer(Path(cfg.run_dir) / "checkpoints", state.step, "corrupt" if cfg.resume == "latest" else "superseded")
+    if main: checkpoint_budget(cfg, models, state.step, ema is not None)   # refuse now what the disk cannot hold later
     acc.wait_for_everyone()
     if main:
         truncate_metrics(Path(cfg.run_dir) / "metrics.jsonl", state.step)
@@ -693,7 +723,7 @@ def train(
             bar.set_postfix(fm=f"{row['fm']:.4f}", trd=f"{row['trd']:.4f}")
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 write_checkpoint(Path(cfg.run_dir) / "checkpoints", step, save, cfg.keep_last, meta,
-                                 is_main=main, barrier=acc.wait_for_everyone)
+                                 is_main=main, barrier=acc.wait_for_everyone, report=print if main else (lambda m: None))
             if cfg.validate_every and step % cfg.validate_every == 0: run_validation(models, cfg, step)
             if stop_after is not None and len(rows) >= stop_after: break
     finally:
