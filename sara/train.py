@@ -368,7 +368,15 @@ def enable_context_parallel(
         raise ConfigError("context_parallel", degree, f"the number of processes ({got}): launch with accelerate, num_processes={degree}")
     heads = dit.config.num_attention_heads
     if heads % degree: raise ConfigError("context_parallel", degree, f"a divisor of the DiT's {heads} attention heads")
-    dit.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+    from unittest import mock
+    from torch.distributed.device_mesh import init_device_mesh
+    dev = next(dit.parameters()).device
+    mesh = init_device_mesh(dev.type, (1, degree), mesh_dim_names=("ring", "ulysses"))   # on the model's device type
+    # diffusers picks the rank's device as `rank % torch.accelerator.device_count()` (modeling_utils.py,
+    # `_resolve_parallel_config`): 0 devices on a CPU-only machine, so the CPU (gloo) path counts the CPU as one
+    count = torch.accelerator.device_count() if dev.type != "cpu" else 1
+    with mock.patch.object(torch.accelerator, "device_count", lambda: count):
+        dit.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree, mesh=mesh))
 
 def cp_gather(
     dit: torch.nn.Module,       # the DiT (maybe under context parallelism)

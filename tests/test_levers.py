@@ -139,3 +139,34 @@ def test_lever_bench_smoke(tmp_path):
     for a, b in zip(sel, today): assert abs(a["fm"] - b["fm"]) < 1e-2   # same noise; lr 1e-5 barely moves the shared DiT between rows
     assert any("_native_cudnn" in s for s in res["skipped"])
     assert set(res["chosen"]) == set(bench.TODAY)
+
+
+def torchrun(n: int, *args: str, timeout: int = 300) -> str:
+    "Run bench/bench_fsdp.py under torchrun with `n` CPU processes (gloo); its output, or the failure."
+    import subprocess, sys
+    from pathlib import Path
+    root = Path(__file__).parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", str(29600 + n),
+           str(root / "bench" / "bench_fsdp.py"), "--device", "cpu", "--dit", "small", "--frames", "9", "--height", "64",
+           "--width", "64", *args]
+    env = dict(__import__("os").environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_fsdp2_checkpoint_resumes_exactly_on_another_number_of_processes(tmp_path):
+    "FSDP2 over 2 CPU processes writes a DCP checkpoint; 1 process (and 2) resume it: the next losses are bitwise equal."
+    ck = tmp_path / "ck"
+    out = torchrun(2, "--steps", "2", "--save", str(ck))
+    assert "saved DCP checkpoint" in out and (ck / "after.json").exists()
+    for n in (1, 2):
+        out = torchrun(n, "--load", str(ck), "--check")
+        assert f"resume check (2 -> {n} processes)" in out and "RESUME CHECK PASSED" in out, out
+
+
+def test_context_parallel_agrees_with_one_rank():
+    "diffusers' Ulysses context parallelism over 2 CPU processes (gloo) composed with FSDP2: loss and gradients agree
+    (sara: the tapped block's hidden states are gathered for the TRD; selective checkpointing recomputes the split)."
+    out = torchrun(2, "--agree", "--method", "sara", "--ckpt", "selective")
+    assert "CONTEXT PARALLEL AGREEMENT PASSED" in out, out
