@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 13 on the device machine (2 x H200 kind, or one GPU: then both parts use GPU 0), from the repository root.
-#   bench/study_device.sh sweep    recipe sweep (bench/study_sweep.py: VAE recipes on GPU 0, encoder recipes on the last GPU),
+#   bench/study_device.sh sweep    recipe sweep (bench/study_sweep.py: VAE and encoder recipes spread over the GPUs),
 #                                  then the study's world, text, vae, encoder, wan, cache and stage1 with the chosen recipes
 #   bench/study_device.sh stage2   Stage 2 (every method and seed, 4 runs per GPU) and sampling; packs the records and
 #                                  samples into $OUT (scoring and the report run on any CPU: sara-study --unpack)
@@ -23,7 +23,7 @@ front() {   # world .. stage1 of the study with the chosen recipes (finished sta
 }
 case $PART in
   sweep)
-    timeout 460 $PY bench/study_sweep.py --size $SIZE --root $S ${SWEEP_ARGS:-} --carry $CARRY --vae-gpu 0 --enc-gpu $(( NG > 1 ? NG - 1 : 0 )) --timeout 430 \
+    timeout 460 $PY bench/study_sweep.py --size $SIZE --root $S ${SWEEP_ARGS:-} --carry $CARRY --gpus $($PY -c "print(','.join(map(str, range(max(1, $NG)))))") --timeout 430 \
       2>&1 | grep -v "$F" | tee $OUT/sweep.log || { echo "sweep failed: nothing chosen"; exit 1; }
     cp $S/chosen.json $OUT/
     tar czf $OUT/chosen.tgz -C $S/chosen world vae encoder

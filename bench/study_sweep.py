@@ -13,7 +13,7 @@ recipe of each kind by a rule fixed here, before any run:
 and writes `<root>/chosen/` (world, text, the chosen vae and encoder stage folders) plus `chosen.json` with the
 `--set` arguments of the study that uses them:
 
-    python3 bench/study_sweep.py --root /tmp/sweep --carry <folder with world/ and text/> --vae-gpu 0 --enc-gpu 1
+    python3 bench/study_sweep.py --root /tmp/sweep --carry <folder with world/ and text/> --gpus 0,1
     sara-study --stage wan,cache,stage1 --root /tmp/study --carry /tmp/sweep/chosen --set $(jq -r '.set|join(" ")' /tmp/sweep/chosen.json)
 
 The selection uses the reported held-out clips (VAE) and probe clips (encoder): it is stated with the figures.
@@ -23,9 +23,8 @@ from pathlib import Path
 
 # recipe name -> StudySize fields replaced (every other field is the default size's); fixed before the sweep ran
 VAE_RECIPES = {
-    "v5b16": dict(vae_frames=5, vae_batch=16, vae_steps=2500),               # short clips: 2 latent frames per step
-    "v9b8": dict(vae_frames=9, vae_batch=8, vae_steps=2500),                 # 3 latent frames per step
-    "v5b16w32": dict(vae_frames=5, vae_batch=16, vae_steps=2500, vae_base_dim=32),  # wider
+    "v5b16": dict(vae_frames=5, vae_batch=16, vae_steps=2000),   # short clips (2 latent frames): 80 frames per step
+    "v9b8": dict(vae_frames=9, vae_batch=8, vae_steps=2000),     # 3 latent frames: 72 frames per step (default: 17 x 8 = 136)
 }
 ENC_RECIPES = {
     "mae": dict(enc_steps=3000, enc_batch=32),                               # today's objective, 4x the samples
@@ -61,7 +60,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", required=True); ap.add_argument("--carry", default="", help="folder with finished world/ text/ stages")
     ap.add_argument("--vae", default=",".join(VAE_RECIPES)); ap.add_argument("--enc", default=",".join(ENC_RECIPES))
-    ap.add_argument("--vae-gpu", default="0"); ap.add_argument("--enc-gpu", default="0")
+    ap.add_argument("--gpus", default="0", help="GPUs the recipes are spread over, round-robin (the VAE recipes first)")
     ap.add_argument("--timeout", type=int, default=420, help="seconds each recipe may run")
     ap.add_argument("--size", default="default"); ap.add_argument("--set", nargs="*", default=[], help="fields for every recipe (tests)")
     a = ap.parse_args(argv)
@@ -70,9 +69,11 @@ def main(argv=None):
     base = {k: json.loads(v) for k, v in base.items()}
     jobs = {}
     t0 = time.perf_counter()
-    for kind, table, names, gpu in (("vae", VAE_RECIPES, a.vae, a.vae_gpu), ("encoder", ENC_RECIPES, a.enc, a.enc_gpu)):
+    gpus = [g for g in a.gpus.split(",") if g]
+    for kind, table, names in (("vae", VAE_RECIPES, a.vae), ("encoder", ENC_RECIPES, a.enc)):
         for n in [x for x in names.split(",") if x]:
             if n not in table: raise SystemExit(f"unknown {kind} recipe {n!r}; known: {', '.join(table)}")
+            gpu = gpus[len(jobs) % len(gpus)]
             jobs[(kind, n)] = launch(root, kind, n, {**table[n], **base}, a.carry, gpu, a.timeout, a.size)
     rows = []
     for (kind, n), (p, log) in jobs.items():
