@@ -17,7 +17,7 @@ gradient. One step is `sara.train.step_losses` (method sft, or sara with a rando
 FSDP2: `torch.distributed.fsdp.fully_shard` per `WanTransformerBlock`, then the root. Checkpoint: model and optimiser
 through `torch.distributed.checkpoint` (DCP) with `get_state_dict` / `set_state_dict`, so a checkpoint written by N
 processes loads on M. Context parallelism: `sara.train.enable_context_parallel` (diffusers' Ulysses attention over the
-ranks), composed with FSDP2 over the same ranks; `sara.train.cp_gather` gives the tap the whole sequence and the loss is
+ranks), composed with FSDP2 over the same ranks; `sara.train.cp_gather` gathers the projected tap features and the loss is
 multiplied by the degree before backward (each rank back-propagates its share of the tokens; FSDP2 averages).
 """
 import argparse, json, math, os, statistics, sys, time
@@ -249,7 +249,7 @@ def agree(args, cfg, dev, dtype, world, rank, say) -> dict:
         stepper = Stepper(dit, opt, args.method, cp, dev, dtype)
         batch, n_tok = make_batch(cfg, dev, dtype, args.frames, args.height, args.width, args.method)
         if n_tok % world: raise SystemExit(f"{n_tok} tokens do not split over {world} ranks")
-        out[cp] = (stepper(batch, update=False), full_grads(dit))
+        out[cp] = (stepper(batch, update=False), {**full_grads(dit), **{f"projector.{n}": g for n, g in full_grads(stepper.models.projector).items()}})
         del dit, opt, stepper
         if dev.type == "cuda": torch.cuda.empty_cache()
     (l1, g1), (lc, gc) = out[1], out[world]

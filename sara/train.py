@@ -174,8 +174,8 @@ class Trainee(torch.nn.Module):
         "One DiT forward; the block's hidden states are captured and projected in the same call."
         with FeatureTap(self.dit, self.block) as tap:
             pred = dit_forward(self.dit, x_t, timesteps, prompt)
-            h = cp_gather(self.dit, tap.features)                              # B, N_dit, C (whole sequence under context parallelism)
-        feats = self.projector(h.to(self.projector.net[0].weight.dtype)) if project else None
+            h = tap.features                                                   # B, N_dit, C (this rank's share under context parallelism)
+        feats = cp_gather(self.dit, self.projector(h.to(self.projector.net[0].weight.dtype))) if project else None   # B, N_dit, D
         return pred, feats
 
 @dataclass
@@ -380,9 +380,10 @@ def enable_context_parallel(
 
 def cp_gather(
     dit: torch.nn.Module,       # the DiT (maybe under context parallelism)
-    h: torch.Tensor,            # B, N_local, C hidden states of a block (this rank's share of the sequence)
-) -> torch.Tensor:              # B, N, C the whole sequence (unchanged without context parallelism)
-    "Gather a tapped block's hidden states over the context-parallel ranks (gradient: this rank's slice), as diffusers gathers the output."
+    h: torch.Tensor,            # B, N_local, D per-token features (this rank's share of the sequence)
+) -> torch.Tensor:              # B, N, D the whole sequence (unchanged without context parallelism)
+    """Gather per-token features over the context-parallel ranks (gradient: this rank's slice), as diffusers gathers the
+    output. Gather after every trained module (here: after the projector), so each rank's gradients are its tokens' share."""
     pc = getattr(dit, "_parallel_config", None)
     if pc is None or pc.context_parallel_config is None: return h
     from diffusers.hooks.context_parallel import EquipartitionSharder

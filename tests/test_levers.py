@@ -166,7 +166,28 @@ def test_fsdp2_checkpoint_resumes_exactly_on_another_number_of_processes(tmp_pat
 
 
 def test_context_parallel_agrees_with_one_rank():
-    "diffusers' Ulysses context parallelism over 2 CPU processes (gloo) composed with FSDP2: loss and gradients agree
-    (sara: the tapped block's hidden states are gathered for the TRD; selective checkpointing recomputes the split)."
+    """diffusers' Ulysses context parallelism over 2 CPU processes (gloo) composed with FSDP2: loss and gradients (DiT and
+    projector) agree (sara: the projected tap features are gathered for the TRD; selective checkpointing recomputes the split)."""
     out = torchrun(2, "--agree", "--method", "sara", "--ckpt", "selective")
     assert "CONTEXT PARALLEL AGREEMENT PASSED" in out, out
+
+
+def test_train_with_context_parallel_matches_one_process(cfg_for):
+    "`sara.train` with context_parallel=2 on 2 CPU processes (torchrun, gloo) gives the one-process run's losses and gradient norms."
+    import json, os, subprocess, sys
+    from pathlib import Path
+    from sara.train import train, read_metrics
+    cfg = cfg_for(run_name="cp1", steps=2, batch_size=1, device="cpu")
+    one = train(cfg, progress=False)                                                # builds the toy cache
+    runs = Path(one["run_dir"]).parent
+    root = Path(__file__).parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29611", "-m", "sara.train",
+           "--cache_dir", cfg.cache_dir, "--cache", "latest", "--runs_dir", str(runs), "--run_name", "cp2", "--device", "cpu", "--steps", "2",
+           "--batch_size", "1", "--context_parallel", "2", "--checkpoint_every", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root,
+                       env=dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = read_metrics(runs / "cp1" / "metrics.jsonl"), read_metrics(runs / "cp2" / "metrics.jsonl")
+    assert [x["step"] for x in b] == [1, 2]
+    for x, y in zip(a, b):
+        for k in ("fm", "trd", "loss", "grad_norm"): assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), (k, x[k], y[k])
