@@ -24,8 +24,8 @@ from .grids import GridMap, align_dit, align_target, target_frames
 from .routing import budget_shares
 
 # %% auto #0
-__all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'AUTO_CUDA', 'ACT_VALUES', 'KEPT_FP32', 'resolve_device', 'batch_order',
-           'lr_factor', 'lam_at', 'cache_params', 'check_cache_settings', 'cache_folder', 'load_targets',
+__all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'AUTO_CUDA', 'ACT_VALUES', 'KEPT_FP32', 'AUTO_MIN_PARAMS', 'resolve_device',
+           'batch_order', 'lr_factor', 'lam_at', 'cache_params', 'check_cache_settings', 'cache_folder', 'load_targets',
            'collate_targets', 'Trainee', 'Models', 'add_lora', 'empty_prompt_embeds', 'build_models',
            'trainable_parameters', 'estimate_peak_gib', 'resolve_levers', 'step_tokens', 'fsdp_shards',
            'selective_checkpoint', 'set_fp32_modules', 'enable_context_parallel', 'cp_gather', 'apply_levers',
@@ -258,6 +258,7 @@ def trainable_parameters(models: Models) -> list:  # the parameters the optimise
 AUTO_CUDA = dict(attention_backend="_native_cudnn", compile="regional")   # the lever table's best on CUDA (bench/bench_levers.py)
 ACT_VALUES = dict(off=27.0, selective=16.0, full=4.4)  # bf16 values kept per token, layer and channel: off and full fitted to the H200 5B peaks (77.2, 46.7 GiB), selective a prior until bench_levers measures it
 KEPT_FP32 = "_keep_in_fp32_modules"
+AUTO_MIN_PARAMS = 1e9     # `auto` compiles and picks the attention kernel only for DiTs this large (tiny test models: off)
 
 def estimate_peak_gib(
     n_params: int,          # parameters of the DiT
@@ -283,16 +284,17 @@ def resolve_levers(
     free_gib: float | None = None,  # free GPU memory (None: asked from CUDA; unused on the CPU)
     shards: int = 1,            # FSDP shards of weights and optimizer states
 ) -> dict:                      # the concrete levers and `why` (one line per automatic choice)
-    "Turn the `auto` levers into concrete ones: today's behaviour on the CPU, the measured best on CUDA (checkpointing by memory)."
+    "Turn the `auto` levers into concrete ones: today's behaviour on the CPU and for tiny models, the measured best for Wan-sized DiTs on CUDA (checkpointing by memory)."
     ck = {True: "full", False: "off"}.get(cfg.grad_checkpointing, cfg.grad_checkpointing)
     cuda, why = device.type == "cuda", []
+    big = cuda and sum(p.numel() for p in dit.parameters()) >= AUTO_MIN_PARAMS   # compilation and kernels pay off at Wan sizes
     out = dict(attention_backend=cfg.attention_backend, compile=cfg.compile, fused_adamw=cfg.fused_adamw and cuda,
                fp32_modules=cfg.fp32_modules, grad_checkpointing=ck)
     if shards > 1 and out["fp32_modules"] and next(dit.parameters()).dtype != torch.float32:
         out["fp32_modules"] = False   # FSDP2 shards a block's parameters as one flat buffer of one dtype
         why.append("fp32_modules -> False: FSDP2 needs one parameter dtype per block (use float32 weights with bf16 mixed precision instead)")
-    if out["attention_backend"] == "auto": out["attention_backend"] = AUTO_CUDA["attention_backend"] if cuda else ""
-    if out["compile"] == "auto": out["compile"] = AUTO_CUDA["compile"] if cuda else "off"
+    if out["attention_backend"] == "auto": out["attention_backend"] = AUTO_CUDA["attention_backend"] if big else ""
+    if out["compile"] == "auto": out["compile"] = AUTO_CUDA["compile"] if big else "off"
     if ck == "auto":
         if not cuda: out["grad_checkpointing"] = "off"
         else:
