@@ -266,6 +266,17 @@ def agree(args, cfg, dev, dtype, world, rank, say) -> dict:
     return res
 
 
+def extrapolate(peak: float, cfg: dict, args, n_tok: int, cp: int, world: int) -> float:
+    """Peak GiB per GPU at the full depth (A14B's 40 blocks) from a run with fewer: each further block adds its share of
+    bf16 weights, gradients and two AdamW states (sharded over the ranks) and, under full checkpointing, its saved input
+    (this rank's tokens x width, bf16). Selective or no checkpointing keep more: then this is a lower bound."""
+    extra = A14B["num_layers"] - cfg["num_layers"]
+    if extra <= 0: return peak
+    C, F = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"]
+    block_params = 4 * C * C + 4 * C * C + 2 * C * F + 6 * C            # self- and cross-attention, ffn, modulation
+    return peak + extra * (block_params * 8 / world + n_tok / cp * C * 2) / 2**30
+
+
 def longest(args, cfg, dev, dtype, world, say) -> dict:
     "Frames at --height x --width that fit one step (forward, backward, AdamW), without and with context parallelism."
     res = {}
@@ -288,13 +299,19 @@ def longest(args, cfg, dev, dtype, world, say) -> dict:
             pk = max_over_ranks(peak_gib(dev), dev)
             say(f"  cp {cp}: {frames} frames ({n_tok} tokens): " + (f"fits, {dt:.1f} s, peak {pk:.1f} GiB" if ok.item() else "out of memory"))
             if not ok.item(): break
-            fits.append(dict(frames=frames, tokens=n_tok, step_s=dt, peak_gib=pk))
+            fits.append(dict(frames=frames, tokens=n_tok, step_s=dt, peak_gib=pk, peak_gib_full_depth=extrapolate(pk, cfg, args, n_tok, cp, world)))
+            if args.layers: say(f"    extrapolated to {A14B['num_layers']} blocks: {fits[-1]['peak_gib_full_depth']:.1f} GiB per GPU")
         res[cp] = fits
         del dit, opt, stepper
         if dev.type == "cuda": torch.cuda.empty_cache()
+    cap = torch.cuda.get_device_properties(dev).total_memory / 2**30 if dev.type == "cuda" else float("inf")
     for cp, f in res.items():
-        say(f"longest at {args.height}x{args.width} with context parallel {cp}: "
+        say(f"longest at {args.height}x{args.width} with context parallel {cp} ({cfg['num_layers']} blocks): "
             + (f"{f[-1]['frames']} frames, {f[-1]['tokens']} tokens" if f else "none of the sizes tried"))
+        if args.layers:
+            ok = [r for r in f if r["peak_gib_full_depth"] <= 0.95 * cap]
+            say(f"  extrapolated to {A14B['num_layers']} blocks (95% of {cap:.0f} GiB): "
+                + (f"{ok[-1]['frames']} frames, {ok[-1]['tokens']} tokens" if ok else "none of the sizes tried"))
     return res
 
 

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Issue 15 on the device (throughput and scale). From the repository root, with the py3.12 wheels carried:
+#   run(kind="nvidia-h200",    command="bash bench/device_issue15.sh single", carry=[".h13/whl"])                  # <= 7 min
+#   run(kind="nvidia-h200-x2", command="bash bench/device_issue15.sh multi",  carry=[".h13/whl", ".h13/cache15"])  # <= 7 min
+#   run(kind="nvidia-h200-x2", command="bash bench/device_issue15.sh scale",  carry=[".h13/whl"])                  # <= 7 min
+# single: the lever table (bench/bench_levers.py, TI2V-5B 480x832x81, sft and sara, full 30 blocks) and the chosen
+#         levers at 704x1280x121 -> $OUT/levers.json, $OUT/single.log
+# multi:  A14B expert, FSDP2 over the GPUs: step time and memory per GPU, DCP checkpoint saved and resumed exactly
+#         (same number of GPUs at full size; 2 -> 1 GPU at 4 blocks); context parallelism agrees with one GPU
+#         (tests/gpu/test_context_parallel.sh, with the workbench's own sara.train through accelerate on the toy cache)
+# scale:  longest A14B clip at 720x1280 that fits with and without context parallelism (8 blocks measured, 40
+#         extrapolated); LoRA (rank 64, peft) on the A14B expert on one GPU at 480x832x81
+set -o pipefail
+PART=${1:?usage: bench/device_issue15.sh single|multi|scale}
+OUT=${OUT:-/tmp/out15}; mkdir -p "$OUT"
+T0=$(date +%s); LIMIT=${LIMIT:-415}   # seconds this part may use (the call's limit is 600; 7 minutes asked)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .h13/whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1   # the image's setting, kept in child processes
+F="should be kept in float32\|experimental feature\|all_gather_tensor\|FutureWarning\|return funcol\|split will not be applied"
+left() { local l=$(( LIMIT - ($(date +%s) - T0) )); [ $l -gt 5 ] && echo $l || echo 5; }
+log() { grep --line-buffered -v "$F" | tee -a "$OUT/$PART.log"; }
+step() { echo "== $(( $(date +%s) - T0 )) s: $*" | tee -a "$OUT/$PART.log"; }
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader | log
+python3 -c 'import torch, diffusers, accelerate, peft; print("torch", torch.__version__, "diffusers", diffusers.__version__, "accelerate", accelerate.__version__, "peft", peft.__version__)' 2>&1 | log
+TR() { timeout "$(left)" python3 -m torch.distributed.run --nproc-per-node "$1" bench/bench_fsdp.py "${@:2}"; }
+ckdir() {   # a folder with room for an A14B expert's DCP checkpoint (bf16 weights + 2 AdamW states: ~86 GB)
+  for d in /dev/shm /tmp "$PWD"; do
+    free=$(df -BG --output=avail "$d" 2>/dev/null | tail -1 | tr -dc 0-9)
+    if [ -n "$free" ] && [ "$free" -ge "${1:-100}" ]; then echo "$d/ck15"; return; fi
+  done
+}
+case $PART in
+single)
+  step "lever table (bench/bench_levers.py, budget $(( $(left) - 60 )) s)"
+  timeout "$(left)" python3 bench/bench_levers.py --native --budget $(( $(left) - 60 )) --out "$OUT/levers.json" 2>&1 | log
+  ;;
+multi)
+  [ "$NGPU" -ge 2 ] || { echo "multi needs >= 2 GPUs, found $NGPU" | log; exit 2; }
+  CK=$(ckdir 100)
+  step "A14B expert, FSDP2 over $NGPU GPUs, 480x832x81: step, memory, DCP save to ${CK:-nowhere (no 100 GB free)}"
+  TR "$NGPU" --steps 2 --warmup 1 --check-steps 1 ${CK:+--save "$CK"} --out "$OUT/fsdp_a14b.json" 2>&1 | log
+  if [ -n "$CK" ] && [ -f "$CK/after.json" ]; then
+    step "resume the A14B checkpoint on $NGPU GPUs"
+    TR "$NGPU" --load "$CK" --check --out "$OUT/fsdp_a14b_resume.json" 2>&1 | log
+    du -sh "$CK" | log; rm -rf "$CK"
+  fi
+  CK4=/tmp/ck15_4
+  step "resharding: saved by $NGPU GPUs, resumed on 1 (4 blocks)"
+  rm -rf "$CK4"; TR "$NGPU" --layers 4 --steps 1 --warmup 0 --check-steps 2 --save "$CK4" 2>&1 | log
+  TR 1 --layers 4 --load "$CK4" --check --out "$OUT/fsdp_reshard_1gpu.json" 2>&1 | log; rm -rf "$CK4"
+  step "toy cache for sara.train (built here when the text model is here, else the carried .h13/cache15)"
+  CACHE=""
+  if timeout 120 python3 -m sara.train --device cuda --steps 1 --run_name cachebuild --runs_dir /tmp/r15 --cache_dir /tmp/c15 \
+       --checkpoint_every 0 > "$OUT/cachebuild.log" 2>&1; then CACHE=$(ls -d /tmp/c15/*/ | head -1)
+  else tail -2 "$OUT/cachebuild.log" | log; CACHE=$(ls -d .h13/cache15/*/ 2>/dev/null | head -1); fi
+  step "context parallelism (tests/gpu/test_context_parallel.sh ${CACHE:-without a cache})"
+  NGPU=$NGPU OUT=$OUT/cp timeout "$(left)" bash tests/gpu/test_context_parallel.sh $CACHE 2>&1 | log
+  ;;
+scale)
+  [ "$NGPU" -ge 2 ] || { echo "scale needs >= 2 GPUs, found $NGPU" | log; exit 2; }
+  step "longest A14B clip at 720x1280 (8 blocks measured, 40 extrapolated), context parallel 1 and $NGPU"
+  LIMIT=$(( LIMIT - 110 )) TR "$NGPU" --longest --layers 8 --height 720 --width 1280 --frames-list 81,121,161,201,241 \
+      --out "$OUT/longest_720p.json" 2>&1 | log
+  step "LoRA rank 64 on the A14B expert, one GPU, 480x832x81"
+  TR 1 --lora 64 --steps 2 --warmup 1 --out "$OUT/lora_a14b.json" 2>&1 | log
+  ;;
+*) echo "unknown part $PART (single | multi | scale)"; exit 2 ;;
+esac
+step "done"
+ls -la "$OUT" | tee -a "$OUT/$PART.log"
