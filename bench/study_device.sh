@@ -2,7 +2,7 @@
 # Issue 13 on the device machine (2 x H200 kind, or one GPU: then both parts use GPU 0), from the repository root.
 #   bench/study_device.sh sweep    recipe sweep (bench/study_sweep.py: VAE and encoder recipes spread over the GPUs),
 #                                  then the study's world, text, vae, encoder, wan, cache and stage1 with the chosen recipes
-#   bench/study_device.sh stage2   Stage 2 (every method and seed, 4 runs per GPU) and sampling; packs the records and
+#   bench/study_device.sh stage2   Stage 2 (every method and seed, 6 runs per GPU) and sampling; packs the records and
 #                                  samples into $OUT (scoring and the report run on any CPU: sara-study --unpack)
 # CARRY: finished world/ (scenes.json) and text/ (the MiniLM table, built where MiniLM is installed).
 # WHL: wheels of what the device image lacks (diffusers, av, importlib_metadata, fastcore for its python).
@@ -15,7 +15,7 @@ PY=${PY:-python3}; SIZE=${SIZE:-default}
 if [ -n "$WHL" ]; then $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $WHL/*.whl || exit 1; fi
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 F="Loading weights\|Writing model\|float32: \[\]\|LOAD REPORT\|UNEXPECTED\|^Key \|^---\|^Notes\|can be ignored\|^$"
-NG=$($PY -c "import torch; print(torch.cuda.device_count())"); W=$(( NG > 0 ? 4 * NG : 1 ))
+NG=$($PY -c "import torch; print(torch.cuda.device_count())"); W=$(( NG > 0 ? 6 * NG : 1 ))
 chosen_set() { $PY -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['set']))" "$1"; }
 front() {   # world .. stage1 of the study with the chosen recipes (finished stages are skipped)
   timeout ${2:-150} $PY -m sara.study --size $SIZE --stage world,text,vae,encoder,wan,cache,stage1 --root $R --carry "$1" \
@@ -23,11 +23,11 @@ front() {   # world .. stage1 of the study with the chosen recipes (finished sta
 }
 case $PART in
   sweep)
-    timeout 460 $PY bench/study_sweep.py --size $SIZE --root $S ${SWEEP_ARGS:-} --carry $CARRY --gpus $($PY -c "print(','.join(map(str, range(max(1, $NG)))))") --timeout 430 \
+    timeout 400 $PY bench/study_sweep.py --size $SIZE --root $S ${SWEEP_ARGS:-} --carry $CARRY --gpus $($PY -c "print(','.join(map(str, range(max(1, $NG)))))") --timeout 380 \
       2>&1 | grep -v "$F" | tee $OUT/sweep.log || { echo "sweep failed: nothing chosen"; exit 1; }
     cp $S/chosen.json $OUT/
     tar czf $OUT/chosen.tgz -C $S/chosen world vae encoder
-    front $S/chosen 120 $S/chosen.json
+    front $S/chosen 150 $S/chosen.json
     $PY -c "import json; from pathlib import Path; print({p.parent.name: json.loads(p.read_text())['wall_s'] for p in sorted(Path('$R').glob('*/done.json'))})" | tee -a $OUT/sweep.log
     ;;
   stage2)

@@ -46,7 +46,7 @@ class StudySize:
     size: int = 128              # frame side in pixels (VAE 8x, DiT patch 2: size/16 DiT tokens per side)
     n_frames: int = 17           # frames per clip (4k+1: 1 + (n_frames-1)/4 latent frames)
     world_clips: int = 2048      # in-memory training clips of the VAE and the target encoder
-    manifest_clips: int = 384    # training clips written to disk for sara.precompute (and Stage 1 / 2)
+    manifest_clips: int = 768    # training clips written to disk for sara.precompute (and Stage 1 / 2)
     heldout_prompts: int = 24    # held-out prompts (half of them with a colour-shape combination never seen in training)
     probe_clips: int = 192       # clips of the linear probe (half train, half test)
     vae_base_dim: int = 24       # AutoencoderKLWan base_dim
@@ -75,14 +75,14 @@ class StudySize:
     dit_ffn: int = 1024          # DiT feed-forward width
     stage1_steps: int = 400      # Stage 1 steps of each head
     train_steps: int = 400       # Stage 2 steps (every method, every seed)
-    train_batch: int = 16        # Stage 2 clips per step
+    train_batch: int = 64        # Stage 2 clips per step (64 from the third device run on: a 7 M-parameter DiT step is far from compute-bound on an H200)
     train_lr: float = 3e-4       # Stage 2 learning rate (every method)
     warmup: int = 50             # Stage 2 linear warm-up steps
     lam: float = 0.5             # TRD weight (every aligned method)
     block: int = 2               # aligned DiT block (every aligned method)
     methods: tuple = ("sft", "videorepa", "moalign", "sara", "sara_and", "sara_xor", "sara_oracle")
     seeds: tuple = (0, 1, 2)     # Stage 2 seeds (data order, noise, projector init)
-    workers: int = 4             # concurrent Stage 2 / sampling processes (one H200: 4 runs at ~0.32 s/step each; 11 ran at 1.2-1.5 s/step)
+    workers: int = 4             # concurrent Stage 2 / sampling processes in all, spread over the GPUs, each with its share of the CPU threads (11 at 16 threads each ran at 1.2-1.5 s/step on one H200)
     sample_steps: int = 16       # denoising steps
     eval_seeds: tuple = (0,)     # noise seeds per prompt (shared by every method)
     guidance: float = 1.0        # classifier-free guidance of sampling (1: off; the DiT is trained without caption dropout)
@@ -247,6 +247,9 @@ def stage_world(root: Path, s: StudySize, d: Path) -> dict:
     from sara.toy import render_toy_scene, TOY_HELD_OUT
     f = d / "scenes.json"
     scenes = json.loads(f.read_text()) if f.is_file() else world_scenes(s)
+    want = dict(train=s.manifest_clips, heldout=s.heldout_prompts, reference=s.heldout_prompts)
+    got = {k: len(scenes.get(k, [])) for k in want}
+    if got != want: raise ValueError(f"{f}: a carried world of {got} scenes, this size needs {want}; carry a world made at this size")
     _clean(d); write_json(f, scenes)
     manifest = _write_manifest(d / "data", scenes["train"])
     for which in ("heldout", "reference"):
