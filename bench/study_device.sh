@@ -15,6 +15,10 @@ PY=${PY:-python3}; SIZE=${SIZE:-default}
 if [ -n "$WHL" ]; then $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $WHL/*.whl || exit 1; fi
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 F="Loading weights\|Writing model\|float32: \[\]\|LOAD REPORT\|UNEXPECTED\|^Key \|^---\|^Notes\|can be ignored\|^$"
+if [ -f "$CARRY/world/scenes.json.gz" ]; then   # carried compressed (the device's transfer limit): unpack beside
+  mkdir -p /tmp/carry/world && cp -r "$CARRY/text" /tmp/carry/ && gunzip -c "$CARRY/world/scenes.json.gz" > /tmp/carry/world/scenes.json
+  CARRY=/tmp/carry
+fi
 NG=$($PY -c "import torch; print(torch.cuda.device_count())"); W=$(( NG > 0 ? 6 * NG : 1 ))
 chosen_set() { $PY -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['set']))" "$1"; }
 front() {   # world .. stage1 of the study with the chosen recipes (finished stages are skipped)
