@@ -8,8 +8,8 @@
 # multi:  A14B expert, FSDP2 over the GPUs: step time and memory per GPU, DCP checkpoint saved and resumed exactly
 #         (same number of GPUs at full size; 2 -> 1 GPU at 4 blocks); context parallelism agrees with one GPU
 #         (tests/gpu/test_context_parallel.sh, with the workbench's own sara.train through accelerate on the toy cache)
-# scale:  longest A14B clip at 720x1280 that fits with and without context parallelism (8 blocks measured, 40
-#         extrapolated); LoRA (rank 64, peft) on the A14B expert on one GPU at 480x832x81
+# scale:  LoRA (rank 64, peft) on the A14B expert on one GPU at 480x832x81; context parallelism at full depth in bf16;
+#         longest A14B clip at 720x1280 with and without context parallelism (2 blocks measured, 40 extrapolated)
 set -o pipefail
 PART=${1:?usage: bench/device_issue15.sh single|multi|scale}
 OUT=${OUT:-/tmp/out15}; mkdir -p "$OUT"
@@ -60,11 +60,13 @@ multi)
   ;;
 scale)
   [ "$NGPU" -ge 2 ] || { echo "scale needs >= 2 GPUs, found $NGPU" | log; exit 2; }
-  step "longest A14B clip at 720x1280 (8 blocks measured, 40 extrapolated), context parallel 1 and $NGPU"
-  LIMIT=$(( LIMIT - 110 )) TR "$NGPU" --longest --layers 8 --height 720 --width 1280 --frames-list 81,121,161,201,241 \
-      --out "$OUT/longest_720p.json" 2>&1 | log
   step "LoRA rank 64 on the A14B expert, one GPU, 480x832x81"
-  TR 1 --lora 64 --steps 2 --warmup 1 --out "$OUT/lora_a14b.json" 2>&1 | log
+  LIMIT=$(( LIMIT - 250 )) TR 1 --lora 64 --steps 2 --warmup 1 --out "$OUT/lora_a14b.json" 2>&1 | log
+  step "context parallelism at full depth in bf16 (40 blocks, 480x832, 33 frames, sft)"
+  LIMIT=$(( LIMIT - 150 )) TR "$NGPU" --agree --frames 33 --method sft --out "$OUT/cp_agree_bf16.json" 2>&1 | log
+  step "longest A14B clip at 720x1280 (2 blocks measured, 40 extrapolated), context parallel 1 and $NGPU"
+  TR "$NGPU" --longest --layers 2 --height 720 --width 1280 --frames-list 81,121,161,201,241 \
+      --out "$OUT/longest_720p.json" 2>&1 | log
   ;;
 *) echo "unknown part $PART (single | multi | scale)"; exit 2 ;;
 esac

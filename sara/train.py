@@ -298,7 +298,9 @@ def resolve_levers(
     if ck == "auto":
         if not cuda: out["grad_checkpointing"] = "off"
         else:
-            if free_gib is None: free_gib = torch.cuda.mem_get_info(device)[0] / 2**30
+            if free_gib is None:   # free now, plus what the DiT itself already holds there (the estimate counts it)
+                held = sum(p.numel() * p.element_size() for p in dit.parameters() if p.device.type == "cuda")
+                free_gib = (torch.cuda.mem_get_info(device)[0] + held) / 2**30
             n = sum(p.numel() for p in dit.parameters()); nt = sum(p.numel() for p in dit.parameters() if p.requires_grad)
             wb = next(dit.parameters()).element_size()
             size = dict(n_params=n, n_trainable=nt, weight_bytes=wb, tokens=tokens, shards=shards,
