@@ -264,7 +264,7 @@ class Rehearsal:
 
     def notebook(self, stage: str, nb: str, out: str, params: dict) -> str:
         if self.runner == "papermill":
-            cmd = [sys.executable, "-m", "papermill", "-k", "sara", "--cwd", "nbs", f"nbs/{nb}", str(self.root / "logs" / out)]
+            cmd = [sys.executable, "-m", "papermill", "--log-output", "-k", "sara", "--cwd", "nbs", f"nbs/{nb}", str(self.root / "logs" / out)]
             for k, v in params.items(): cmd += ["-p", k, str(v)]
             return self.sh(stage, cmd)
         args = [sys.executable, str(Path(__file__).resolve()), "--run-cells", str(REPO / "nbs" / nb), "--params", json.dumps(params)]
