@@ -220,7 +220,8 @@ class Rehearsal:
         free = free_bytes(self.root) - (x["models"] if self.models.is_relative_to(self.root) and not self.wan.is_dir() else 0) - 2 * GB
         plans = [(s["checkpoint_every"], s["checkpoint_every"], f"as the issue asks: a checkpoint every {s['checkpoint_every']} steps, keep {s['keep_last']}"),
                  (s["checkpoint_every"], 0, f"disk too small for a third checkpoint: train checkpoints every {s['checkpoint_every']} steps, resume writes none"),
-                 (s["train_steps"], 0, "disk too small for two checkpoints at once: train checkpoints at its last step only, resume writes none")]
+                 (s["train_steps"], 0, "disk too small for two checkpoints at once: train checkpoints at its last step only, resume writes none"),
+                 (0, 0, "disk too small for one checkpoint: none written, the resume stage is skipped")]
         for tr_every, re_every, why in plans:
             need_tr = disk_need(x["checkpoint"], len(checkpoint_steps(0, s["train_steps"], tr_every)), 0, s["keep_last"], x["export"])
             n_left = min(len(checkpoint_steps(0, s["train_steps"], tr_every)), s["keep_last"])
@@ -230,8 +231,8 @@ class Rehearsal:
                             need_gb=round(max(need_tr, need_re) / GB, 1), free_gb=round(free / GB, 1))
                 break
         else:
-            raise SystemExit(f"[rehearsal] {self.root}: {free / GB:.1f} GB free after the models cannot hold one checkpoint of "
-                             f"{x['checkpoint'] / GB:.1f} GB and an export of {x['export'] / GB:.1f} GB")
+            raise SystemExit(f"[rehearsal] {self.root}: {free / GB:.1f} GB free after the models cannot hold the export of "
+                             f"{x['export'] / GB:.1f} GB (nor one checkpoint of {x['checkpoint'] / GB:.1f} GB)")
         self.state["plan"] = plan; self._save()
         return plan
 
@@ -383,6 +384,7 @@ class Rehearsal:
     def stage_resume(self) -> dict:
         before = du(self.run_dir)
         plan = self.checkpoint_plan()
+        if plan["train_every"] == 0: return dict(skipped=plan["why"])
         text = self.notebook("resume", "train.ipynb", "resume.ipynb", self._train_params(self.s["resume_steps"], plan["resume_every"], "latest"))
         io = self._checkpoint_io(text)
         if io["resume"] is None: raise RuntimeError("resume: the run did not resume from a checkpoint (no 'resumed from' line)")
@@ -398,8 +400,9 @@ class Rehearsal:
                 meta, keys = h.metadata(), list(h.keys())
                 files[f.name] = dict(bytes=f.stat().st_size, tensors=len(keys), step=meta.get("step"),
                                      dtype=str(h.get_slice(keys[0]).get_dtype()))
-        if not files or files.get("transformer.safetensors", {}).get("step") != str(self.s["resume_steps"]):
-            raise RuntimeError(f"{ck}: no export of step {self.s['resume_steps']} ({files})")
+        last = self.s["resume_steps"] if self.checkpoint_plan()["train_every"] else self.s["train_steps"]
+        if not files or files.get("transformer.safetensors", {}).get("step") != str(last):
+            raise RuntimeError(f"{ck}: no export of step {last} ({files})")
         return dict(disk_gb=round(du(ck) / GB, 2), files=files)
 
     def stage_sample(self) -> dict:
@@ -473,6 +476,7 @@ def table(root: Path) -> str:
         if name == "models": notes.append(f"in {r['where']}")
         if r.get("runner"): notes.append(f"runner {r['runner']}")
         if r.get("plan") and name == "train": notes.append(r["plan"])
+        if r.get("skipped"): notes.append(f"skipped: {r['skipped']}")
         rows.append(f"| {name} | {r['wall_s']} | {r['gpu_peak_gib']} | {r['host_peak_rss_gib']} | {r.get('disk_gb', '')} | {'; '.join(notes)} |")
     err = st.get("error")
     return "\n".join(rows) + (f"\n\nstopped: {err}\n" if err else "\n")
