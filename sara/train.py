@@ -407,7 +407,10 @@ def apply_levers(
     ck = levers["grad_checkpointing"]
     if ck == "full": dit.enable_gradient_checkpointing()
     elif ck == "selective": dit.enable_gradient_checkpointing(selective_checkpoint)
-    if levers["compile"] == "regional": dit.compile_repeated_blocks(backend=compile_backend)
+    if levers["compile"] == "regional":   # diffusers' regional compilation where it has it, else each block alike
+        if hasattr(dit, "compile_repeated_blocks"): dit.compile_repeated_blocks(backend=compile_backend)
+        else:
+            for b in dit.blocks: b.compile(backend=compile_backend)
     if log is not None:
         for line in levers["why"]: log(line)
     return levers
