@@ -76,7 +76,7 @@ class PrecomputeConfig:
     flow_model: str = ""       # local RAFT weights file (flow = raft_small | raft_large)
     merge: str = "max"         # merge rule of entity grids into the saliency w: max | sum_clip | union
     y_dtype: str = "float32"   # stored dtype of the VFM target y: float32 | bfloat16
-    compute_dtype: str = "float32"  # dtype the VFM runs in: float32 | bfloat16
+    compute_dtype: str = "float32"  # dtype the VFM and Wan's UMT5 text encoder run in: float32 | bfloat16 (Wan2.2 runs UMT5 in bf16)
     seed: int = 0              # init seed of tiny models (part of the settings: tiny weights depend on it)
     shard_size: int = 16       # clips per shard file
     limit: int = 0             # encode only the first `limit` clips of the manifest (0 = all)
@@ -263,7 +263,8 @@ def build_precompute_models(
     device = resolve_precompute_device(cfg.device) if device is None else device
     vae = build_vae(cfg.wan_model, seed=cfg.seed).to(device)  # the VAE alone: the DiT (5B: 20 GB in float32) is not read
     vfm = build_vfm(cfg.vfm_model, seed=cfg.seed, dtype=DTYPES[cfg.compute_dtype]).to(device)
-    text = build_text_encoder(cfg.text_model).to(device)
+    umt5 = {} if cfg.text_model == "minilm" else dict(dtype=DTYPES[cfg.compute_dtype])   # UMT5-XXL: 11 GB in bf16, 23 in float32
+    text = build_text_encoder(cfg.text_model, **umt5).to(device)
     share = cfg.embedder == "minilm" and isinstance(text, MiniLMEncoder)
     embedder = text if share else build_embedder(cfg.embedder).to(device)
     provider = None if cfg.masks == "toy" else build_mask_provider(cfg.masks, cfg.mask_model, device=str(device))

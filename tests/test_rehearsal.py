@@ -85,3 +85,15 @@ def test_train_refuses_a_disk_too_small_before_any_step(reh, tmp_path, monkeypat
     with pytest.raises(OSError) as e: train(cfg, progress=False)
     assert e.value.errno == errno.ENOSPC and str(tmp_path / "run" / "checkpoints") in str(e.value)
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text().strip()
+
+
+def test_precompute_runs_umt5_in_its_compute_dtype(reh):
+    "compute_dtype (part of the cache key) sets the UMT5 encoder's dtype too: bf16 halves UMT5-XXL (23 -> 11 GB), as Wan2.2 runs it."
+    from sara.precompute import build_precompute_models, make_precompute_config
+    wan = str(reh / "models" / "Wan2.2-TI2V-5B-Diffusers")
+    cfg = make_precompute_config(dict(data_root=str(reh / "data"), cache_dir=str(reh / "cache"), wan_model=wan, text_model=wan,
+                                      vfm_model=str(reh / "models" / "vjepa2-vitl-fpc64-256"), embedder=str(reh / "models" / "embedder"),
+                                      compute_dtype="bfloat16", device="cpu"))
+    m = build_precompute_models(cfg)
+    assert next(m.text.model.parameters()).dtype == torch.bfloat16 and next(m.vfm.parameters()).dtype == torch.bfloat16
+    assert m.vae.dtype == torch.float32
