@@ -7,7 +7,8 @@ for every method on the one code path (`sara.train.step_losses`), measured side 
 * videorepa          + uniform TRD on cached VFM tokens
 * moalign            + uniform TRD on a cached motion-subspace target (Dm = --motion-dim)
 * sara               + OR-routed TRD on cached VFM tokens and cached saliency
-* sara+encoder       as sara, but the frozen V-JEPA 2 runs inside the step (64 frames, 256 px; the ablation
+* sara+encoder       as sara, but the frozen V-JEPA 2 runs inside the step (frames 1..80 at half the clip's size,
+                     240x416: the grid 40 x 15 x 26 that lines up with the DiT's under `sara.grids`; the ablation
                      that the cache avoids)
 
 plus model-FLOPs utilisation (MFU) of `sft` against the bf16 dense peak (989 TFLOP/s for H100 SXM) and
@@ -16,6 +17,7 @@ against a bf16 matmul measured in the same run. Needs CUDA, diffusers, transform
     PYTHONPATH=. python3 bench/bench_train_step.py            # 480x832, 81 frames, batch 1
 """
 import argparse, math, statistics, time
+from types import SimpleNamespace
 
 import torch
 
@@ -72,7 +74,7 @@ def main():
     D = vcfg.hidden_size
     lat_shape = (args.batch, 48, (args.frames - 1) // 4 + 1, args.height // 16, args.width // 16)
     n_tok = lat_shape[2] * (lat_shape[3] // 2) * (lat_shape[4] // 2)
-    grid = (32, 16, 16)                                   # V-JEPA 2 grid of 64 frames at 256 px
+    grid = (2 * (lat_shape[2] - 1), lat_shape[3] // 2, lat_shape[4] // 2)   # V-JEPA 2 (tubelet 2, patch 16) on frames 1..T-1 at half size
     N = math.prod(grid)
     g = torch.Generator(device=dev).manual_seed(0)
     batch = dict(latents=torch.randn(lat_shape, device=dev, dtype=dt, generator=g),
@@ -80,7 +82,7 @@ def main():
                  y=torch.randn(args.batch, N, D, device=dev, dtype=dt, generator=g),
                  w=torch.rand(args.batch, N, device=dev, generator=g), grid=grid)
     y_motion = torch.randn(args.batch, N, args.motion_dim, device=dev, dtype=dt, generator=g)
-    video = torch.rand(args.batch, 64, 3, 256, 256, device=dev, dtype=dt, generator=g) * 2 - 1
+    video = torch.rand(args.batch, 2 * grid[0], 3, 16 * grid[1], 16 * grid[2], device=dev, dtype=dt, generator=g) * 2 - 1
     mm = matmul_tflops()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; DiT {n_params/1e9:.2f} B params, "
           f"{cfg['num_layers']} blocks, {n_tok} tokens; VFM {args.vfm} D={D}, grid {grid} = {N} tokens; "
@@ -94,7 +96,8 @@ def main():
         torch.manual_seed(0)
         proj = Projector(cfg["num_attention_heads"] * cfg["attention_head_dim"], out_dim).to(dev, dt).train()
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0)
-        models = Models(wan=WanParts(transformer=dit, vae=None, scheduler=sched), vfm=vfm, text=None, projector=proj, block=args.block)
+        vae = SimpleNamespace(config=SimpleNamespace(scale_factor_temporal=4))   # what step_losses reads of the VAE
+        models = Models(wan=WanParts(transformer=dit, vae=vae, scheduler=sched), vfm=vfm, text=None, projector=proj, block=args.block)
         params = [*dit.parameters(), *proj.parameters()]
         opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
         noise_gen = torch.Generator().manual_seed(1)
