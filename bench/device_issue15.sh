@@ -10,21 +10,28 @@
 #         (tests/gpu/test_context_parallel.sh, with the workbench's own sara.train through accelerate on the toy cache)
 # scale:  LoRA (rank 64, peft) on the A14B expert on one GPU at 480x832x81; context parallelism at full depth in bf16;
 #         longest A14B clip at 720x1280 with and without context parallelism (2 blocks measured, 40 extrapolated)
+# DRY=1 runs the same commands on the CPU at smoke size (gloo, a narrow DiT), to check this script without a GPU.
 set -o pipefail
 PART=${1:?usage: bench/device_issue15.sh single|multi|scale}
+DRYF=(); DRYL=(); NATIVE=(--native); CKNEED=100
+if [ "${DRY:-0}" = 1 ]; then
+  DRYF=(--device cpu --dit small --frames 9 --height 64 --width 64); DRYL=(--layers 2 --steps 1 --warmup 1); NATIVE=(); CKNEED=1
+fi
 OUT=${OUT:-/tmp/out15}; mkdir -p "$OUT"
 T0=$(date +%s); LIMIT=${LIMIT:-415}   # seconds this part may use (the call's limit is 600; 7 minutes asked)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .h13/whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+if [ "${DRY:-0}" = 1 ]; then export PYTHONPATH=$PWD
+else python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .h13/whl/*.whl || exit 1
+     export PYTHONPATH=/tmp/site:$PWD; fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1   # the image's setting, kept in child processes
 F="should be kept in float32\|experimental feature\|all_gather_tensor\|FutureWarning\|return funcol\|split will not be applied"
 left() { local l=$(( LIMIT - ($(date +%s) - T0) )); [ $l -gt 5 ] && echo $l || echo 5; }
 log() { grep --line-buffered -v "$F" | tee -a "$OUT/$PART.log"; }
 step() { echo "== $(( $(date +%s) - T0 )) s: $*" | tee -a "$OUT/$PART.log"; }
-NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())'); [ "${DRY:-0}" = 1 ] && NGPU=2
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader | log
 python3 -c 'import torch, diffusers, accelerate, peft; print("torch", torch.__version__, "diffusers", diffusers.__version__, "accelerate", accelerate.__version__, "peft", peft.__version__)' 2>&1 | log
-TR() { timeout "$(left)" python3 -m torch.distributed.run --nproc-per-node "$1" bench/bench_fsdp.py "${@:2}"; }
+TR() { timeout "$(left)" python3 -m torch.distributed.run --nproc-per-node "$1" bench/bench_fsdp.py "${@:2}" "${DRYF[@]}"; }
 ckdir() {   # a folder with room for an A14B expert's DCP checkpoint (bf16 weights + 2 AdamW states: ~86 GB)
   for d in /dev/shm /tmp "$PWD"; do
     free=$(df -BG --output=avail "$d" 2>/dev/null | tail -1 | tr -dc 0-9)
@@ -34,11 +41,11 @@ ckdir() {   # a folder with room for an A14B expert's DCP checkpoint (bf16 weigh
 case $PART in
 single)
   step "lever table (bench/bench_levers.py, budget $(( $(left) - 60 )) s)"
-  timeout "$(left)" python3 bench/bench_levers.py --native --budget $(( $(left) - 60 )) --out "$OUT/levers.json" 2>&1 | log
+  timeout "$(left)" python3 bench/bench_levers.py "${NATIVE[@]}" --budget $(( $(left) - 60 )) --out "$OUT/levers.json" "${DRYF[@]}" "${DRYL[@]}" 2>&1 | log
   ;;
 multi)
   [ "$NGPU" -ge 2 ] || { echo "multi needs >= 2 GPUs, found $NGPU" | log; exit 2; }
-  CK=$(ckdir 100)
+  CK=$(ckdir $CKNEED)
   step "A14B expert, FSDP2 over $NGPU GPUs, 480x832x81: step, memory, DCP save to ${CK:-nowhere (no 100 GB free)}"
   TR "$NGPU" --steps 2 --warmup 1 --check-steps 1 ${CK:+--save "$CK"} --out "$OUT/fsdp_a14b.json" 2>&1 | log
   if [ -n "$CK" ] && [ -f "$CK/after.json" ]; then
@@ -52,11 +59,13 @@ multi)
   TR 1 --layers 4 --load "$CK4" --check --out "$OUT/fsdp_reshard_1gpu.json" 2>&1 | log; rm -rf "$CK4"
   step "toy cache for sara.train (built here when the text model is here, else the carried .h13/cache15)"
   CACHE=""
-  if timeout 120 python3 -m sara.train --device cuda --steps 1 --run_name cachebuild --runs_dir /tmp/r15 --cache_dir /tmp/c15 \
+  if [ "${DRY:-0}" = 1 ]; then CACHE=$(ls -d .h13/cache15/*/ 2>/dev/null | head -1)
+  elif timeout 120 python3 -m sara.train --device cuda --steps 1 --run_name cachebuild --runs_dir /tmp/r15 --cache_dir /tmp/c15 \
        --checkpoint_every 0 > "$OUT/cachebuild.log" 2>&1; then CACHE=$(ls -d /tmp/c15/*/ | head -1)
   else tail -2 "$OUT/cachebuild.log" | log; CACHE=$(ls -d .h13/cache15/*/ 2>/dev/null | head -1); fi
+  [ "${DRY:-0}" = 1 ] && CACHE=""   # sara.train through accelerate's FSDP needs CUDA
   step "context parallelism (tests/gpu/test_context_parallel.sh ${CACHE:-without a cache})"
-  NGPU=$NGPU OUT=$OUT/cp timeout "$(left)" bash tests/gpu/test_context_parallel.sh $CACHE 2>&1 | log
+  NGPU=$NGPU OUT=$OUT/cp EXTRA="${DRYF[*]}" timeout "$(left)" bash tests/gpu/test_context_parallel.sh $CACHE 2>&1 | log
   ;;
 scale)
   [ "$NGPU" -ge 2 ] || { echo "scale needs >= 2 GPUs, found $NGPU" | log; exit 2; }

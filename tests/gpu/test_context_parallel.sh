@@ -11,7 +11,7 @@
 set -euo pipefail
 N=${NGPU:-2}
 OUT=${OUT:-/tmp/sara-cp}; mkdir -p "$OUT"
-run() { python3 -m torch.distributed.run --nproc-per-node "$N" bench/bench_fsdp.py "$@"; }
+run() { python3 -m torch.distributed.run --nproc-per-node "$N" bench/bench_fsdp.py "$@" ${EXTRA:-}; }   # EXTRA: e.g. the CPU flags of a dry run
 run --agree --layers 4 --frames 17 --dtype float32 --method sara --ckpt selective --out "$OUT/cp_agree_fp32.json" 2>&1 | grep -v "should be kept\|experimental"
 [ "${FULL:-0}" = 1 ] && run --agree --frames 33 --method sft --out "$OUT/cp_agree_bf16.json" 2>&1 | grep -v "should be kept\|experimental"
 python3 - "$OUT" <<'PY'
