@@ -255,7 +255,7 @@ def trainable_parameters(models: Models) -> list:  # the parameters the optimise
     return [p for p in (*models.dit.parameters(), *models.projector.parameters()) if p.requires_grad]
 
 # %% ../nbs/train.ipynb #b8cf3d6e
-AUTO_CUDA = dict(attention_backend="_native_cudnn", compile="regional")   # the lever table's best on CUDA (bench/bench_levers.py)
+AUTO_CUDA = dict(attention_backend="", compile="off")   # the lever table's best on CUDA: today's step until bench/bench_levers.py has run (set from its `chosen`)
 ACT_VALUES = dict(off=27.0, selective=16.0, full=4.4)  # bf16 values kept per token, layer and channel: off and full fitted to the H200 5B peaks (77.2, 46.7 GiB), selective a prior until bench_levers measures it
 KEPT_FP32 = "_keep_in_fp32_modules"
 AUTO_MIN_PARAMS = 1e9     # `auto` compiles and picks the attention kernel only for DiTs this large (tiny test models: off)
