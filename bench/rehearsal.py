@@ -26,6 +26,9 @@ GB = 10 ** 9
 SIZES = dict(
     paper=dict(height=480, width=832, n_frames=81, clips=4, fps=24, stage1_steps=10, train_steps=20, resume_steps=30,
                checkpoint_every=10, keep_last=1, sample_steps=4, batch_size=1, grad_checkpointing=True, block=1),
+    # tiny models at the paper's video size: the shapes of the paper path (grids, RoPE, non-square frames) on the CPU
+    tinyvideo=dict(height=480, width=832, n_frames=81, clips=4, fps=24, stage1_steps=2, train_steps=2, resume_steps=3,
+                   checkpoint_every=1, keep_last=1, sample_steps=1, batch_size=1, grad_checkpointing=False, block=1),
     tiny=dict(height=64, width=96, n_frames=5, clips=4, fps=24, stage1_steps=4, train_steps=4, resume_steps=6,
               checkpoint_every=2, keep_last=1, sample_steps=2, batch_size=1, grad_checkpointing=False, block=1),
 )
@@ -133,8 +136,10 @@ def free_bytes(p) -> int:
 
 # ---------------------------------------------------------------- the rehearsal
 class Rehearsal:
-    def __init__(self, size: str, root: Path, runner: str = "auto", models_dir: str = "auto", device: str = "auto"):
+    def __init__(self, size: str, root: Path, runner: str = "auto", models_dir: str = "auto", device: str = "auto",
+                 overrides: dict | None = None):
         import torch
+        self.overrides = dict(overrides or {})   # extra train / resume parameters (`--set key=value`)
         self.size, self.root, self.s = size, Path(root).resolve(), SIZES[size]
         self.cfgs = PAPER if size == "paper" else TINY
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -199,7 +204,7 @@ class Rehearsal:
     def _pick_models_dir(self, models_dir: str) -> Path:
         "root/models, unless the disk there cannot hold the models next to the run (then RAM-backed /dev/shm, said so)."
         if models_dir not in ("auto", "shm"): return Path(models_dir).resolve()
-        if models_dir == "auto" and self.size == "tiny": return self.root / "models"
+        if models_dir == "auto" and self.size != "paper": return self.root / "models"
         x = self.expected()
         run_need = 2 * x["checkpoint"] + 2 * x["export"] + 2 * GB       # two checkpoints while one is written, export, cache
         if models_dir == "auto" and free_bytes(self.root) >= x["models"] + run_need: return self.root / "models"
@@ -226,7 +231,7 @@ class Rehearsal:
             need_tr = disk_need(x["checkpoint"], len(checkpoint_steps(0, s["train_steps"], tr_every)), 0, s["keep_last"], x["export"])
             n_left = min(len(checkpoint_steps(0, s["train_steps"], tr_every)), s["keep_last"])
             need_re = n_left * x["checkpoint"] + x["export"] + disk_need(x["checkpoint"], len(checkpoint_steps(s["train_steps"], s["resume_steps"], re_every)), n_left, s["keep_last"], x["export"])
-            if max(need_tr, need_re) <= free or self.size == "tiny":
+            if max(need_tr, need_re) <= free or self.size != "paper":
                 plan = dict(train_every=tr_every, resume_every=re_every, keep_last=s["keep_last"], why=why,
                             need_gb=round(max(need_tr, need_re) / GB, 1), free_gb=round(free / GB, 1))
                 break
@@ -354,10 +359,14 @@ class Rehearsal:
 
     def _train_params(self, steps: int, every: int, resume: str) -> dict:
         s, plan = self.s, self.checkpoint_plan()
-        return dict(run_name=self.run_name, method="sara", saliency="aligner", cache="latest", steps=steps,
+        return {**dict(run_name=self.run_name, method="sara", saliency="aligner", cache="latest", steps=steps,
                     checkpoint_every=every, keep_last=plan["keep_last"], resume=resume, n_frames=s["n_frames"],
                     height=s["height"], width=s["width"], task="ti2v", batch_size=s["batch_size"], block=s["block"],
-                    mixed_precision="bf16", weights_dtype="bfloat16", grad_checkpointing=s["grad_checkpointing"], log_every=1)
+                    mixed_precision="bf16", weights_dtype="bfloat16", log_every=1,
+                    # the path the 0.93 s/step of bench_train_step.py was measured on: every block checkpointed, native
+                    # SDPA, no torch.compile (issue 15's levers have their own bench; `--set compile=auto` turns them on)
+                    grad_checkpointing="full" if s["grad_checkpointing"] else "off", compile="off", attention_backend=""),
+                **self.overrides}
 
     def _checkpoint_io(self, text: str) -> dict:
         "Checkpoint sizes and write/hash seconds (the lines `write_checkpoint` prints), resume's verify/load seconds."
@@ -491,6 +500,8 @@ def main(argv=None):
     ap.add_argument("--models-dir", default="auto", help="where the model directories go (auto: ROOT/models, /dev/shm if the disk is short)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--force", action="store_true", help="rerun stages that are done")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a train/resume parameter (e.g. compile=auto); values are read as JSON where they parse, else as strings")
     ap.add_argument("--table", action="store_true", help="only print the table of ROOT")
     ap.add_argument("--run-cells", help=argparse.SUPPRESS); ap.add_argument("--params", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -503,7 +514,11 @@ def main(argv=None):
         stages = [s for s in a.stages.split(",") if s]
         bad = [s for s in stages if s not in STAGES]
         if bad: ap.error(f"unknown stage(s) {bad}; known: {','.join(STAGES)}")
-        r = Rehearsal(a.size, root, a.runner, a.models_dir, a.device)
+        def value(v):
+            try: return json.loads(v)
+            except json.JSONDecodeError: return v
+        sets = dict((kv.split("=", 1)[0], value(kv.split("=", 1)[1])) for kv in a.set if "=" in kv)
+        r = Rehearsal(a.size, root, a.runner, a.models_dir, a.device, sets)
         x = r.expected()
         print(f"[rehearsal] {a.size}: models {x['models'] / GB:.2f} GB in {r.models}, checkpoint {x['checkpoint'] / GB:.2f} GB, "
               f"export {x['export'] / GB:.2f} GB; free {free_bytes(root) / GB:.1f} GB at {root}; runner {r.runner}; device {r.device}")
