@@ -34,9 +34,9 @@ __all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'IMAGENET_MEAN', 'I
            'reconstruct', 'stage_vae', 'encoder_config', 'tube_mask', 'jepa_loss', 'pretrain_encoder', 'stage_encoder',
            'token_labels', 'linear_probe', 'probe_encoders', 'random_encoder', 'probe_encoder', 'probe_recipe',
            'dit_config', 'stage_wan', 'cache_params', 'stage_cache', 'stage_stage1', 'run_params', 'run_finished',
-           'gpu_slots', 'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score', 'viz_inputs',
-           'study_table', 'table_markdown', 'loss_curves', 'sample_grid', 'report_figures', 'stage_report', 'run_study',
-           'pack_results', 'unpack_results', 'study_cli']
+           'gpu_slots', 'write_viz', 'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score',
+           'viz_inputs', 'study_table', 'table_markdown', 'loss_curves', 'sample_grid', 'report_figures',
+           'stage_report', 'run_study', 'pack_results', 'unpack_results', 'study_cli']
 
 # %% ../nbs/study.ipynb #dc2a3666
 @dataclass(frozen=True)
@@ -760,6 +760,13 @@ def _launch_run(args) -> dict:
     write_json(run_dir / "wall.json", dict(wall_s=wall))
     return dict(run=run_dir.name, wall_s=wall)
 
+def write_viz(root: Path, s: StudySize, d: Path) -> Path:  # d / "viz.json"
+    "The explorers' inputs (`viz_inputs`: real clips of the cache, the aligner's saliency, a trained run's tokens) into `d`."
+    from safetensors.torch import save_file
+    vi = viz_inputs(root, s, _device())
+    save_file({f"{cid}/{k}": v for cid, r in vi.items() for k, v in r["tensors"].items()}, str(d / "viz.safetensors"))
+    return write_json(d / "viz.json", {cid: {k: v for k, v in r.items() if k != "tensors"} for cid, r in vi.items()})
+
 def stage_train(root: Path, s: StudySize, d: Path) -> dict:
     "Stage 2 for every method and seed through `sara-train` (`python -m sara.train`), several processes at a time; finished runs are kept."
     from sara.config import make_config
@@ -780,6 +787,7 @@ def stage_train(root: Path, s: StudySize, d: Path) -> dict:
             t0 = time.perf_counter()
             train(cfg, progress=False)
             write_json(Path(rd) / "wall.json", dict(wall_s=round(time.perf_counter() - t0, 2)))
+    write_viz(root, s, d)   # the explorers' inputs need the cache and a trained run: made where both are
     walls = {}
     for key in s.methods:
         for seed in s.seeds:
@@ -843,10 +851,6 @@ def stage_sample(root: Path, s: StudySize, d: Path) -> dict:
             entries.append(dict(file=f"{p['id']}_s0.mp4", prompt_id=p["id"], prompt=p["prompt"], entities=p["entities"], seed=0,
                                 run=which, method=which))
         write_json(d / which / "index.json", entries)
-    from safetensors.torch import save_file   # the explorers' inputs (they need the cache and a trained run, so they are made here)
-    vi = viz_inputs(root, s, _device())
-    save_file({f"{cid}/{k}": v for cid, r in vi.items() for k, v in r["tensors"].items()}, str(d / "viz.safetensors"))
-    write_json(d / "viz.json", {cid: {k: v for k, v in r.items() if k != "tensors"} for cid, r in vi.items()})
     return dict(runs=runs, n_prompts=s.heldout_prompts, eval_seeds=list(s.eval_seeds), steps=s.sample_steps, guidance=s.guidance)
 
 
@@ -991,7 +995,8 @@ def report_figures(
         fig.add_trace(go.Scatter(x=c["step"], y=c["fm"], name=m, mode="lines", legendgroup=m), row=1, col=1)
         fig.add_trace(go.Scatter(x=c["step"], y=c["trd"], name=m, mode="lines", legendgroup=m, showlegend=False), row=1, col=2)
     figs["losses"] = fig.update_layout(height=380, width=1000)
-    vi = json.loads((root / "sample" / "viz.json").read_text()); vt = load_file(str(root / "sample" / "viz.safetensors"))
+    vf = root / "train" / "viz.json"   # made by the train stage; a study folder from before 2026-11-30 (part 3) has none
+    vi, vt = (json.loads(vf.read_text()), load_file(str(vf.with_suffix(".safetensors")))) if vf.is_file() else ({}, {})
     for cid, r in vi.items():
         t = {k.split("/", 1)[1]: v for k, v in vt.items() if k.startswith(cid + "/")}
         figs[f"saliency_{cid}"] = saliency_figure(t["frames"], t["saliency"], r["entities"], w=t["w_aligner"], frame=s.n_frames // 2,
@@ -1020,7 +1025,8 @@ def stage_report(root: Path, s: StudySize, d: Path) -> dict:
         grids.append(dict(file=f"grid_{p['id']}.png", prompt=p["prompt"], unseen=p["unseen"], rows=runs))
     walls = {n: stage_result(root, n)["wall_s"] for n in STAGES if n != "report" and stage_result(root, n) is not None}
     curves = loss_curves(root, s)
-    return dict(table=table, markdown=md, grids=grids, walls=walls,
+    explorers = "made" if (root / "train" / "viz.json").is_file() else "not made: the train stage wrote no viz.json (it needs the cache and a trained run)"
+    return dict(table=table, markdown=md, grids=grids, walls=walls, explorers=explorers,
                 final_fm={m: c["fm"][-1] for m, c in curves.items()}, final_trd={m: c["trd"][-1] for m, c in curves.items()})
 
 STAGE_FNS = dict(world=stage_world, text=stage_text, vae=stage_vae, encoder=stage_encoder, wan=stage_wan, cache=stage_cache,
