@@ -365,7 +365,7 @@ class Rehearsal:
                     mixed_precision="bf16", weights_dtype="bfloat16", log_every=1,
                     # the path the 0.93 s/step of bench_train_step.py was measured on: every block checkpointed, native
                     # SDPA, no torch.compile (issue 15's levers have their own bench; `--set compile=auto` turns them on)
-                    grad_checkpointing="full" if s["grad_checkpointing"] else "off", compile="off", attention_backend=""),
+                    grad_checkpointing="full" if s["grad_checkpointing"] else "off", compile="off"),   # attention_backend: its default ""
                 **self.overrides}
 
     def _checkpoint_io(self, text: str) -> dict:
