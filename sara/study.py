@@ -36,7 +36,7 @@ __all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'IMAGENET_MEAN', 'I
            'dit_config', 'stage_wan', 'cache_params', 'stage_cache', 'stage_stage1', 'run_params', 'run_finished',
            'gpu_slots', 'write_viz', 'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score',
            'viz_inputs', 'study_table', 'table_markdown', 'loss_curves', 'sample_grid', 'report_figures',
-           'stage_report', 'run_study', 'pack_results', 'unpack_results', 'study_cli']
+           'stage_report', 'run_study', 'pack_results', 'unpack_results', 'like_size', 'study_cli']
 
 # %% ../nbs/study.ipynb #dc2a3666
 @dataclass(frozen=True)
@@ -1138,6 +1138,13 @@ def unpack_results(
         with tarfile.open(fileobj=_Chain(parts), mode="r|") as tar: tar.extractall(root, filter="data")
     return [p.name for p in names + parts]
 
+def like_size(path: str | Path) -> dict:  # StudySize fields (all but name and the run knobs)
+    "The size fields of a study folder's `study.json` (to rerun that study exactly); ValueError naming the file otherwise."
+    try: size = json.loads(Path(path).read_text())["size"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a study.json with a 'size' record ({e.__class__.__name__}: {e})") from None
+    return {k: v for k, v in size.items() if k not in ("name", *RUN_KNOBS)}
+
 def study_cli(argv: list[str] | None = None):  # command-line arguments (default: sys.argv[1:])
     "Console entry point `sara-study`: run stages of the controlled study (`--stage all` runs or reuses every stage)."
     from sara.config import OneLineParser, run_cli
@@ -1151,10 +1158,11 @@ def study_cli(argv: list[str] | None = None):  # command-line arguments (default
     ap.add_argument("--pack-runs", default=None, help="Stage 2 runs whose weights --pack includes (comma-separated; default: every finished run; 'none': none)")
     ap.add_argument("--unpack", default="", help="first unpack the archives of --pack found in this folder into --root")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="StudySize fields to replace (JSON values)")
+    ap.add_argument("--like", default="", help="a study.json (e.g. bench/study_2026-11-30/study.json): take every StudySize field from it (--set applies after)")
     a = ap.parse_args(argv)
     def main():
         if a.unpack: print("unpacked", unpack_results(a.unpack, a.root))
-        over = {}
+        over = like_size(a.like) if a.like else {}
         for kv in a.set:
             k, _, v = kv.partition("=")
             try: over[k] = json.loads(v)
