@@ -354,7 +354,7 @@ class Rehearsal:
         s = self.s
         self.notebook("stage1", "aligner.ipynb", "aligner.ipynb",
                       dict(head="aligner", cache="latest", steps=s["stage1_steps"], batch_size=3, eval_every=s["stage1_steps"],
-                           log_every=1, progress=False))
+                           log_every=1, progress=False, overwrite=True))   # a rerun of the stage replaces its layer (moved aside)
         return dict(disk_gb=round(du(self.runs / "stage1", *self.cache.glob("*/layers")) / GB, 3), runner=self.runner)
 
     def _train_params(self, steps: int, every: int, resume: str) -> dict:
