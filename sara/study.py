@@ -54,19 +54,19 @@ class StudySize:
     vae_steps: int = 1500        # VAE optimisation steps
     vae_batch: int = 8           # clips per VAE step
     vae_lr: float = 1e-3         # VAE AdamW learning rate (cosine decay)
-    vae_frames: int = 0          # frames of each VAE training clip (4k+1, a random window of the clip; 0 = n_frames): the causal VAE is convolutional in time, shorter clips make cheaper steps
+    vae_frames: int = 0          # frames of each VAE training clip (4k+1, a random window of the clip; 0 = n_frames; default 0: 5-frame windows reconstructed 17-frame clips at 20.8 dB against 28.5 for full clips, bench/README.md part 3)
     kl_weight: float = 1e-6      # weight of the KL term of the VAE loss
-    enc_hidden: int = 128        # VideoMAE width D
-    enc_layers: int = 4          # VideoMAE encoder blocks
-    enc_heads: int = 4           # VideoMAE heads
+    enc_hidden: int = 256        # VideoMAE width D (the encoder fields: the best probe margin of the part 3 sweep, bench/README.md)
+    enc_layers: int = 6          # VideoMAE encoder blocks
+    enc_heads: int = 8           # VideoMAE heads
     enc_patch: int = 16          # VideoMAE patch (tubelet 2)
-    enc_steps: int = 1500        # VideoMAE pre-training steps
-    enc_batch: int = 16          # clips per VideoMAE step
+    enc_steps: int = 3000        # VideoMAE pre-training steps
+    enc_batch: int = 32          # clips per VideoMAE step
     enc_lr: float = 1e-3         # VideoMAE AdamW learning rate (cosine decay)
     enc_warmup: int = 50         # VideoMAE linear warm-up steps
     enc_objective: str = "mae"   # mae: masked pixel reconstruction; jepa: feature prediction against an EMA target encoder
     enc_ema: float = 0.99        # jepa: EMA momentum of the target encoder (per step)
-    mask_ratio: float = 0.75     # VideoMAE tube-masking ratio
+    mask_ratio: float = 0.9      # VideoMAE tube-masking ratio
     enc_norm_pix: bool = True    # mae: reconstruct per-patch normalised pixels (VideoMAE default) instead of raw pixels
     probe_steps: int = 300       # full-batch steps of each linear probe
     dit_heads: int = 4           # DiT attention heads
