@@ -229,7 +229,7 @@ class RunConfig:
     margin: float = 0.1         # TRD margin
     block: int = 1              # DiT block whose hidden states are aligned, 0-based: VideoREPA's 1-based align_layer minus 1 (its 18 is block=17)
     steps: int = 150            # optimisation steps
-    batch_size: int = 2         # clips per step
+    batch_size: int = 2         # clips per step of one process (data-parallel rank); a step's global batch is batch_size x num_processes / context_parallel
     lr: float = 1e-4            # AdamW learning rate (DiT and projector)
     warmup_steps: int = 0       # linear learning-rate warm-up
     weight_decay: float = 0.0   # AdamW weight decay

@@ -25,9 +25,9 @@ from .routing import budget_shares
 
 # %% auto #0
 __all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'AUTO_CUDA', 'ACT_VALUES', 'KEPT_FP32', 'AUTO_MIN_PARAMS', 'resolve_device',
-           'batch_order', 'lr_factor', 'lam_at', 'cache_params', 'check_cache_settings', 'cache_folder', 'load_targets',
-           'collate_targets', 'Trainee', 'Models', 'add_lora', 'empty_prompt_embeds', 'build_models',
-           'trainable_parameters', 'estimate_peak_gib', 'resolve_levers', 'step_tokens', 'fsdp_shards',
+           'batch_order', 'data_parallel_part', 'lr_factor', 'lam_at', 'cache_params', 'check_cache_settings',
+           'cache_folder', 'load_targets', 'collate_targets', 'Trainee', 'Models', 'add_lora', 'empty_prompt_embeds',
+           'build_models', 'trainable_parameters', 'estimate_peak_gib', 'resolve_levers', 'step_tokens', 'fsdp_shards',
            'selective_checkpoint', 'set_fp32_modules', 'enable_context_parallel', 'cp_gather', 'apply_levers',
            'make_adamw', 'step_losses', 'MetricsLog', 'read_metrics', 'truncate_metrics', 'full_state_dict',
            'trained_weights', 'export_weights', 'load_checkpoint', 'check_run_dir', 'TrainState', 'resume_folder',
@@ -47,7 +47,7 @@ def resolve_device(
 def batch_order(
     n_clips: int,     # clips in the dataset
     steps: int,       # optimisation steps
-    batch_size: int,  # clips per step
+    batch_size: int,  # clips per step (the global batch: `RunConfig.batch_size` x data-parallel ranks in `train`)
     seed: int,        # data-order seed (shared by every method, so runs see identical batches)
 ) -> list[list[int]]: # `steps` lists of `batch_size` clip indices
     "Deterministic epoch-wise shuffled batches; independent of the method and of every other random draw."
@@ -57,6 +57,21 @@ def batch_order(
         while len(order) < batch_size: order += torch.randperm(n_clips, generator=g).tolist()
         out.append(order[:batch_size]); order = order[batch_size:]
     return out
+
+# %% ../nbs/train.ipynb #2e80838b
+def data_parallel_part(
+    num_processes: int,         # processes of the run (accelerate's `num_processes`)
+    process_index: int,         # this process (accelerate's `process_index`)
+    batch_size: int,            # clips per step of one data-parallel rank (`RunConfig.batch_size`)
+    context_parallel: int = 1,  # ranks splitting one clip's tokens (`RunConfig.context_parallel`): they take the same clips
+) -> tuple[int, int, int]:      # (start, stop, global batch): this process's rows of every step's global batch
+    "This process's contiguous share of each step's global batch of `batch_size` x (num_processes // context_parallel) clips."
+    if num_processes % context_parallel:
+        raise ConfigError("context_parallel", context_parallel, f"a divisor of the number of processes ({num_processes})")
+    if not 0 <= process_index < num_processes: raise ValueError(f"process_index {process_index} not in [0, {num_processes})")
+    dp_size, dp_rank = num_processes // context_parallel, process_index // context_parallel
+    return dp_rank * batch_size, (dp_rank + 1) * batch_size, dp_size * batch_size
+
 
 # %% ../nbs/train.ipynb #f90af7a2
 def lr_factor(
@@ -431,17 +446,25 @@ def step_losses(
     cfg: RunConfig,         # method, op, margin, block, trd_impl, expert, loss_weighting, task, text_dropout
     noise_gen: torch.Generator,  # CPU generator of noise and timesteps (seeded identically for every method)
     lam: float | None = None,    # TRD weight of this step (default `cfg.lam`)
-) -> dict:                  # fm, trd (0 for sft), total: 0-dim tensors
-    "Forward pass of one step: flow-matching loss and, unless `sft`, the (routed) TRD loss."
+    part: tuple | None = None,   # (start, stop, global batch) from `data_parallel_part`: `batch` is these rows of the step's global batch; None: the whole batch
+) -> dict:                  # fm, trd (0 for sft), total: 0-dim tensors (means over this process's rows)
+    """Forward pass of one step: flow-matching loss and, unless `sft`, the (routed) TRD loss. Noise, timesteps and prompt
+    drops are drawn for the global batch and sliced to `part`, so every process advances `noise_gen` alike and the draws
+    are those of one process running the global batch."""
     lam = cfg.lam if lam is None else lam
     dit = models.dit
-    x0 = batch["latents"]                                                      # B, z, t, h, w
-    noise = torch.randn(x0.shape, generator=noise_gen).to(x0)                # drawn on the CPU: identical on any device
+    x0 = batch["latents"]                                                      # b, z, t, h, w (this process's rows)
+    start, stop, n = part or (0, x0.shape[0], x0.shape[0])
+    if stop - start != x0.shape[0] or not 0 <= start < stop <= n:
+        raise ValueError(f"part={part}: rows {start}..{stop} of a global batch of {n} must match the batch of {x0.shape[0]} clips")
+    noise = torch.randn((n, *x0.shape[1:]), generator=noise_gen)[start:stop].to(x0)  # drawn on the CPU: identical on any device
     window = expert_window(models.wan.boundary_ratio, cfg.expert)
-    sigmas, timesteps = sample_sigmas(models.wan.scheduler, x0.shape[0], noise_gen, device=x0.device, window=window)
+    sigmas, timesteps = sample_sigmas(models.wan.scheduler, n, noise_gen, device=x0.device, window=window)
+    sigmas, timesteps = sigmas[start:stop], timesteps[start:stop]            # b
     x_t, target, t_model, fm_mask = flow_matching_inputs(x0, noise, sigmas.to(x0), timesteps.to(x0.device), cfg.task, dit.config.patch_size)
     op = cfg.routing_op
-    prompt = drop_prompts(batch["prompt"], models.empty_prompt, cfg.text_dropout, noise_gen)   # B, L, Dt
+    prompt = F.pad(batch["prompt"], (0, 0, 0, 0, start, n - stop))           # n, L, Dt: zero rows stand for the other processes' prompts
+    prompt = drop_prompts(prompt, models.empty_prompt, cfg.text_dropout, noise_gen)[start:stop]   # b, L, Dt
     pred, feats = models.trainee()(x_t, t_model, prompt, project=op is not None)
     fm = flow_matching_loss(pred, target, loss_weights(models.wan.scheduler, timesteps, cfg.loss_weighting), mask=fm_mask)
     if op is None: trd = fm.new_zeros(())
@@ -649,6 +672,19 @@ def make_accelerator(cfg: RunConfig):
     pc = ProjectConfiguration(project_dir=cfg.run_dir, logging_dir=str(Path(cfg.run_dir) / "tensorboard"))
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu", log_with=log_with, project_config=pc)
 
+def _global_mean(
+    losses: dict,   # name -> 0-dim loss of this process (`step_losses`)
+    acc,            # the run's accelerator
+) -> dict:          # name -> 0-dim mean over the processes (detached; `losses` itself with one process)
+    """The losses of the global batch for the log: the mean over the processes (each holds the mean over its equal share
+    of rows; the ranks of a context-parallel group hold the same value). For fm and uniform TRD this is the global batch's
+    mean; the routed TRD is normalised by each process's own routing weight sum, so its log is the mean of the processes'
+    losses, which is also what DDP / FSDP2 average the gradients of. A non-finite loss on any process makes the mean
+    non-finite: every process then skips the step together."""
+    if acc.num_processes == 1: return losses
+    v = acc.reduce(torch.stack([t.detach().float() for t in losses.values()]), "mean")   # one all-reduce
+    return dict(zip(losses, v))
+
 def _gpu_mem_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
@@ -668,7 +704,8 @@ def train(
     acc.wait_for_everyone()                                     # ... the others wait for it, then every process reads it
     targets, cache = load_targets(cfg, progress, folder)
     models = build_models(cfg, device, target_dim=targets[0]["y"].shape[-1])
-    order = batch_order(len(targets), cfg.steps, cfg.batch_size, cfg.seed)
+    part = data_parallel_part(acc.num_processes, acc.process_index, cfg.batch_size, cfg.context_parallel)   # (start, stop, global batch)
+    order = batch_order(len(targets), cfg.steps, part[2], cfg.seed)   # the global batches, alike on every process
     if cfg.targets_in_loop:
         from sara.data import ClipDataset
         clips = ClipDataset(cfg.manifest, n_frames=cfg.n_frames, size=(cfg.height, cfg.width), fps=cfg.fps)
@@ -701,7 +738,7 @@ def train(
     bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, desc=cfg.method, disable=not (progress and main))
     try:
         for i in bar:
-            step, idx = i + 1, order[i]
+            step, idx = i + 1, order[i][part[0]:part[1]]   # this process's share of the global batch order[i]
             t0 = time.perf_counter()
             batch = collate_targets([targets[j] for j in idx], device)
             if cfg.targets_in_loop:   # ablation: recompute the frozen target inside the step
@@ -711,9 +748,10 @@ def train(
             n_tok = n_tok or batch["latents"].shape[0] * math.prod(dit_grid(models.dit, batch["latents"].shape))
             lam = lam_at(step, cfg)
             with acc.autocast():
-                losses = step_losses(batch, models, cfg, state.noise_gen, lam=lam)
+                losses = step_losses(batch, models, cfg, state.noise_gen, lam=lam, part=part)
             opt.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(losses["total"]))
+            shown = _global_mean(losses, acc)   # logged, and tested for finiteness, alike on every process
+            finite = bool(torch.isfinite(shown["total"]))
             if finite:
                 acc.backward(losses["total"] * cfg.context_parallel)   # each rank back-propagates its share of the tokens (see `cp_gather`)
                 gnorm = acc.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -725,13 +763,13 @@ def train(
                 opt.zero_grad(set_to_none=True); state.bad_steps += 1
                 if state.bad_steps > cfg.max_bad_steps:
                     raise FloatingPointError(f"step {step}: non-finite loss or gradient {state.bad_steps} steps in a row "
-                                             f"(fm={losses['fm'].item()}, trd={losses['trd'].item()}); stopping. The last "
+                                             f"(fm={shown['fm'].item()}, trd={shown['trd'].item()}); stopping. The last "
                                              f"checkpoint in {cfg.run_dir}/checkpoints is intact.")
             state.step = step
             dt = time.perf_counter() - t0
-            row = dict(step=step, fm=losses["fm"].item(), trd=losses["trd"].item(), loss=losses["total"].item(), lam=lam,
+            row = dict(step=step, fm=shown["fm"].item(), trd=shown["trd"].item(), loss=shown["total"].item(), lam=lam,
                        grad_norm=gnorm.item() if finite else float("nan"), lr=sched.get_last_lr()[0], skipped=not finite,
-                       step_time=dt, tokens_per_s=n_tok / dt, gpu_mem_gib=_gpu_mem_gib(), clips=idx)
+                       step_time=dt, tokens_per_s=n_tok / dt, gpu_mem_gib=_gpu_mem_gib(), clips=order[i])
             rows.append(row)
             if main and (step % cfg.log_every == 0 or step == cfg.steps):
                 log.write(**row)

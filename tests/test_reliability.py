@@ -493,10 +493,10 @@ def inject(monkeypatch, plan: dict) -> list:
     seen, cur = [], [0]
     orig_losses, orig_fwd = T.step_losses, T.dit_forward
 
-    def step_losses(batch, models, cfg, noise_gen, lam=None):
+    def step_losses(batch, models, cfg, noise_gen, lam=None, part=None):
         cur[0] += 1
         seen.append(torch.cat([p.detach().flatten() for p in trainable_parameters(models)]).clone())
-        out = orig_losses(batch, models, cfg, noise_gen, lam=lam)
+        out = orig_losses(batch, models, cfg, noise_gen, lam=lam, part=part)
         kind = plan.get(cur[0])
         if kind == "nan_loss": out["total"] = out["total"] * float("nan")
         elif kind == "inf_trd":
