@@ -49,7 +49,9 @@ def reset(dit):
 
 
 def combine(rows: list, base: str = "today") -> dict:
-    "The best combination of the single-lever sft rows: per lever the fastest setting whose row fits MEM_LIMIT_GIB."
+    """The best combination of the single-lever sft rows: per lever the fastest setting whose row fits MEM_LIMIT_GIB;
+    selective checkpointing and compilation do not compose (torch's selective checkpoint caches matmul outputs that the
+    compiled block overwrites; `sara.train.apply_levers` refuses the pair): the faster of their two rows is kept."""
     ok = {r["name"]: r for r in rows if r["method"] == "sft" and r.get("ms")}
     if base not in ok: return dict(TODAY)
     best = dict(TODAY)
@@ -60,6 +62,10 @@ def combine(rows: list, base: str = "today") -> dict:
         best[lever] = min(cands, key=lambda c: c[0])[1]
     fp = ok.get("fp32 modules")   # correctness lever (diffusers' convention): on unless it costs more than 3 %
     best["fp32_modules"] = bool(fp and fp["ms"] <= 1.03 * ok[base]["ms"])
+    if best["grad_checkpointing"] == "selective" and best["compile"] != "off":   # refused by sara.train (SAC_COMPILE)
+        sel, comp = ok.get("checkpointing selective"), ok.get("compile " + best["compile"])
+        if sel and comp and sel["ms"] < comp["ms"]: best["compile"] = "off"      # keep the faster of the two measured rows
+        else: best["grad_checkpointing"] = TODAY["grad_checkpointing"]
     return best
 
 

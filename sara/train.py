@@ -24,15 +24,15 @@ from .grids import GridMap, align_dit, align_target, target_frames
 from .routing import budget_shares
 
 # %% auto #0
-__all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'AUTO_CUDA', 'ACT_VALUES', 'KEPT_FP32', 'AUTO_MIN_PARAMS', 'resolve_device',
-           'batch_order', 'data_parallel_part', 'lr_factor', 'lam_at', 'cache_params', 'check_cache_settings',
-           'cache_folder', 'load_targets', 'collate_targets', 'Trainee', 'Models', 'add_lora', 'empty_prompt_embeds',
-           'build_models', 'trainable_parameters', 'estimate_peak_gib', 'resolve_levers', 'step_tokens', 'fsdp_shards',
-           'selective_checkpoint', 'set_fp32_modules', 'enable_context_parallel', 'cp_gather', 'apply_levers',
-           'make_adamw', 'step_losses', 'MetricsLog', 'read_metrics', 'truncate_metrics', 'full_state_dict',
-           'trained_weights', 'export_weights', 'load_checkpoint', 'check_run_dir', 'TrainState', 'resume_folder',
-           'checkpoint_budget', 'make_accelerator', 'train', 'run_validation', 'plot_losses', 'cli_args', 'train_cli',
-           'launch']
+__all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'AUTO_CUDA', 'ACT_VALUES', 'WORKSPACE_GIB', 'KEPT_FP32', 'AUTO_MIN_PARAMS',
+           'SAC_COMPILE', 'resolve_device', 'batch_order', 'data_parallel_part', 'lr_factor', 'lam_at', 'cache_params',
+           'check_cache_settings', 'cache_folder', 'load_targets', 'collate_targets', 'Trainee', 'Models', 'add_lora',
+           'empty_prompt_embeds', 'build_models', 'trainable_parameters', 'estimate_peak_gib', 'resolve_levers',
+           'step_tokens', 'fsdp_shards', 'selective_checkpoint', 'set_fp32_modules', 'enable_context_parallel',
+           'cp_gather', 'apply_levers', 'make_adamw', 'step_losses', 'MetricsLog', 'read_metrics', 'truncate_metrics',
+           'full_state_dict', 'trained_weights', 'export_weights', 'load_checkpoint', 'check_run_dir', 'TrainState',
+           'resume_folder', 'checkpoint_budget', 'make_accelerator', 'train', 'run_validation', 'plot_losses',
+           'cli_args', 'train_cli', 'launch']
 
 # %% ../nbs/train.ipynb #9a5da4e7
 def resolve_device(
@@ -270,10 +270,19 @@ def trainable_parameters(models: Models) -> list:  # the parameters the optimise
     return [p for p in (*models.dit.parameters(), *models.projector.parameters()) if p.requires_grad]
 
 # %% ../nbs/train.ipynb #b8cf3d6e
-AUTO_CUDA = dict(attention_backend="", compile="off")   # the lever table's best on CUDA: today's step until bench/bench_levers.py has run (set from its `chosen`)
-ACT_VALUES = dict(off=27.0, selective=16.0, full=4.4)  # bf16 values kept per token, layer and channel: off and full fitted to the H200 5B peaks (77.2, 46.7 GiB), selective a prior until bench_levers measures it
+# The lever table (bench/bench_levers.py, H200, TI2V-5B 480x832x81 = 8,190 DiT tokens, batch 1, sft / sara, 2026-11-30;
+# bench/device_2026-11-30/levers.json): today (full checkpointing, fused AdamW) 920.5 / 935.5 ms, 39.4 GiB; regional
+# compilation with full checkpointing 783.3 / 706.5 ms, 40.2 GiB; checkpointing off 709.1 / 736.4 ms, 86.5 GiB; selective
+# 789.5 / 797.4 ms, 58.7 GiB; attention _native_cudnn / _native_flash / _native_efficient slower than the default (946 /
+# 994 / 1462 ms sft); flash and _flash_3 not installed there.
+AUTO_CUDA = dict(attention_backend="", compile="regional")   # the fastest measured attention (diffusers' default) and regional compilation
+ACT_VALUES = dict(off=34.35, selective=14.54, full=0.82)  # bf16 values kept per token, layer and channel, fitted to the measured 5B peaks (86.5, 58.7, 39.4 GiB)
+WORKSPACE_GIB = 1.0       # the rest of a step's peak (allocator, kernels' workspace), part of the same fit
 KEPT_FP32 = "_keep_in_fp32_modules"
 AUTO_MIN_PARAMS = 1e9     # `auto` compiles and picks the attention kernel only for DiTs this large (tiny test models: off)
+SAC_COMPILE = ("grad_checkpointing", "selective", "off, full or auto when compile='regional': torch's selective activation "
+               "checkpoint caches matmul outputs that the compiled (inductor) block writes into again ('Tensor cached during "
+               "selective activation checkpoint has been mutated'); set compile='off' to keep selective")
 
 def estimate_peak_gib(
     n_params: int,          # parameters of the DiT
@@ -285,11 +294,10 @@ def estimate_peak_gib(
     mode: str,              # checkpointing: off | selective | full
     shards: int = 1,        # GPUs the weights and optimizer states are sharded over (FSDP)
 ) -> float:                 # GiB
-    "Rough peak memory of one training step: weights, gradients and AdamW states, plus activations (`ACT_VALUES`)."
+    "Rough peak memory of one training step: weights, gradients and AdamW states, plus activations (`ACT_VALUES`) and a workspace."
     states = (n_params * weight_bytes + n_trainable * 3 * weight_bytes) / shards
-    per_layer = tokens * width * 2                                  # one bf16 value per token and channel
-    acts = ACT_VALUES[mode] * per_layer * layers + (ACT_VALUES["off"] * per_layer if mode == "full" else 0)  # + the block being recomputed
-    return (states + acts) / 2**30 + 2.0                            # + workspace
+    acts = ACT_VALUES[mode] * tokens * width * 2 * layers           # bf16 values per token, channel and block
+    return (states + acts) / 2**30 + WORKSPACE_GIB
 
 def resolve_levers(
     cfg: RunConfig,             # the run's levers (`grad_checkpointing`, `attention_backend`, `compile`, `fused_adamw`, `fp32_modules`)
@@ -309,7 +317,12 @@ def resolve_levers(
         out["fp32_modules"] = False   # FSDP2 shards a block's parameters as one flat buffer of one dtype
         why.append("fp32_modules -> False: FSDP2 needs one parameter dtype per block (use float32 weights with bf16 mixed precision instead)")
     if out["attention_backend"] == "auto": out["attention_backend"] = AUTO_CUDA["attention_backend"] if big else ""
-    if out["compile"] == "auto": out["compile"] = AUTO_CUDA["compile"] if big else "off"
+    if out["compile"] == "auto":
+        out["compile"] = AUTO_CUDA["compile"] if big else "off"
+        if out["compile"] == "regional" and ck == "selective":   # asked for selective: it wins over the automatic compilation
+            out["compile"] = "off"
+            why.append("compile=auto -> off: grad_checkpointing='selective' does not compose with regional compilation")
+    if out["compile"] == "regional" and ck == "selective": raise ConfigError(*SAC_COMPILE)
     if ck == "auto":
         if not cuda: out["grad_checkpointing"] = "off"
         else:
@@ -320,12 +333,14 @@ def resolve_levers(
             wb = next(dit.parameters()).element_size()
             size = dict(n_params=n, n_trainable=nt, weight_bytes=wb, tokens=tokens, shards=shards,
                         width=dit.config.num_attention_heads * dit.config.attention_head_dim, layers=len(dit.blocks))
-            est = {m: estimate_peak_gib(mode=m, **size) for m in ("off", "selective", "full")}
-            fits = [m for m in ("off", "selective", "full") if est[m] <= 0.9 * free_gib]
+            modes = ("off", "full") if out["compile"] == "regional" else ("off", "selective", "full")   # SAC_COMPILE
+            est = {m: estimate_peak_gib(mode=m, **size) for m in modes}
+            fits = [m for m in modes if est[m] <= 0.9 * free_gib]
             out["grad_checkpointing"] = fits[0] if fits else "full"
             why.append(f"grad_checkpointing=auto -> {out['grad_checkpointing']}: estimated peak "
                        + ", ".join(f"{m} {v:.1f} GiB" for m, v in est.items()) + f" against 90% of {free_gib:.1f} GiB free"
-                       + ("" if fits else " (none fits: full, the smallest)"))
+                       + ("" if fits else " (none fits: full, the smallest)")
+                       + (" (selective skipped: it does not compose with compile='regional')" if len(modes) == 2 else ""))
     return dict(out, why=why)
 
 def step_tokens(
@@ -416,6 +431,7 @@ def apply_levers(
     log=print,                  # where the lines saying what was chosen go (None: silent)
 ) -> dict:                      # the levers applied
     "Apply the levers to the DiT, in the order they compose: dtypes, attention, context parallelism, checkpointing, compilation."
+    if levers["compile"] == "regional" and levers["grad_checkpointing"] == "selective": raise ConfigError(*SAC_COMPILE)
     set_fp32_modules(dit, levers["fp32_modules"])
     if levers["attention_backend"]: dit.set_attention_backend(levers["attention_backend"])
     if context_parallel > 1: enable_context_parallel(dit, context_parallel)
