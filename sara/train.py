@@ -322,6 +322,9 @@ def resolve_levers(
         if out["compile"] == "regional" and ck == "selective":   # asked for selective: it wins over the automatic compilation
             out["compile"] = "off"
             why.append("compile=auto -> off: grad_checkpointing='selective' does not compose with regional compilation")
+        if out["compile"] == "regional" and (shards > 1 or cfg.context_parallel > 1):   # measured on one GPU only
+            out["compile"] = "off"
+            why.append("compile=auto -> off: regional compilation is measured on one GPU only, not under FSDP2 or context parallelism")
     if out["compile"] == "regional" and ck == "selective": raise ConfigError(*SAC_COMPILE)
     if ck == "auto":
         if not cuda: out["grad_checkpointing"] = "off"
