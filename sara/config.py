@@ -251,7 +251,7 @@ class RunConfig:
     targets_in_loop: bool = False  # ablation: recompute the VFM target in every step instead of reading the cache
     mixed_precision: str = "no" # accelerate mixed precision: no | bf16 | fp16
     weights_dtype: str = "float32"  # dtype of the trained weights: float32 | bfloat16 (pure bf16, one-GPU 5B full fine-tuning)
-    grad_checkpointing: str = "auto"  # off | full (every DiT block) | selective (matmul and attention outputs kept, the rest recomputed) | auto (off when it fits in GPU memory, else selective, else full; off on the CPU)
+    grad_checkpointing: str = "auto"  # off | full (every DiT block) | selective (matmul and attention outputs kept, the rest recomputed) | auto (off when it fits in GPU memory, else selective, else full; with regional compilation only off or full, as selective + inductor fails; off on the CPU)
     attention_backend: str = ""  # diffusers attention backend: "" (unchanged: native SDPA) | auto (the measured best on CUDA) | a name of diffusers AttentionBackendName: native, flash, _native_cudnn, ...
     compile: str = "auto"       # off | regional (torch.compile of each DiT block) | auto (regional on CUDA, off on the CPU)
     fused_adamw: bool = True    # fused AdamW kernel on CUDA (the CPU keeps torch's default implementation)

@@ -29,10 +29,10 @@ __all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'AUTO_CUDA', 'ACT_VALUES', 'W
            'check_cache_settings', 'cache_folder', 'load_targets', 'collate_targets', 'Trainee', 'Models', 'add_lora',
            'empty_prompt_embeds', 'build_models', 'trainable_parameters', 'estimate_peak_gib', 'resolve_levers',
            'step_tokens', 'fsdp_shards', 'selective_checkpoint', 'set_fp32_modules', 'enable_context_parallel',
-           'cp_gather', 'apply_levers', 'make_adamw', 'step_losses', 'MetricsLog', 'read_metrics', 'truncate_metrics',
-           'full_state_dict', 'trained_weights', 'export_weights', 'load_checkpoint', 'check_run_dir', 'TrainState',
-           'resume_folder', 'checkpoint_budget', 'make_accelerator', 'train', 'run_validation', 'plot_losses',
-           'cli_args', 'train_cli', 'launch']
+           'cp_gather', 'set_backend_of', 'apply_levers', 'make_adamw', 'step_losses', 'MetricsLog', 'read_metrics',
+           'truncate_metrics', 'full_state_dict', 'trained_weights', 'export_weights', 'load_checkpoint',
+           'check_run_dir', 'TrainState', 'resume_folder', 'checkpoint_budget', 'make_accelerator', 'train',
+           'run_validation', 'plot_losses', 'cli_args', 'train_cli', 'launch']
 
 # %% ../nbs/train.ipynb #9a5da4e7
 def resolve_device(
@@ -426,6 +426,19 @@ def cp_gather(
     from diffusers.hooks.context_parallel import EquipartitionSharder
     return EquipartitionSharder.unshard(h, 1, pc.context_parallel_config._flattened_mesh)
 
+def set_backend_of(
+    dit: torch.nn.Module,   # a diffusers model
+    backend: str,           # an `AttentionBackendName` value
+):
+    """The attention backend of `dit`'s own attention modules only. diffusers' `set_attention_backend` also makes it the
+    process-wide active backend (modeling_utils.py, `_AttentionBackendRegistry.set_active_backend`), so every model
+    built later in the process would use it too (a notebook session, the reference run of a test); that global is put
+    back as it was."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    before = _AttentionBackendRegistry._active_backend
+    try: dit.set_attention_backend(backend)
+    finally: _AttentionBackendRegistry.set_active_backend(before)
+
 def apply_levers(
     dit: torch.nn.Module,       # the DiT being trained, on its device
     levers: dict,               # `resolve_levers` output
@@ -436,7 +449,7 @@ def apply_levers(
     "Apply the levers to the DiT, in the order they compose: dtypes, attention, context parallelism, checkpointing, compilation."
     if levers["compile"] == "regional" and levers["grad_checkpointing"] == "selective": raise ConfigError(*SAC_COMPILE)
     set_fp32_modules(dit, levers["fp32_modules"])
-    if levers["attention_backend"]: dit.set_attention_backend(levers["attention_backend"])
+    if levers["attention_backend"]: set_backend_of(dit, levers["attention_backend"])
     if context_parallel > 1: enable_context_parallel(dit, context_parallel)
     ck = levers["grad_checkpointing"]
     if ck == "full": dit.enable_gradient_checkpointing()

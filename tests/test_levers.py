@@ -243,3 +243,13 @@ def test_train_with_context_parallel_matches_one_process(cfg_for):
     assert [x["step"] for x in b] == [1, 2]
     for x, y in zip(a, b):
         for k in ("fm", "trd", "loss", "grad_norm"): assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), (k, x[k], y[k])
+
+
+def test_attention_backend_is_the_models_own():
+    "diffusers' set_attention_backend also sets the process-wide active backend; apply_levers puts it back (a later model, e.g. a test's reference run, is unaffected)."
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    before = _AttentionBackendRegistry._active_backend
+    dit, _, _ = step(dict(attention_backend="_native_math"))
+    assert _AttentionBackendRegistry._active_backend == before
+    procs = [m.processor for m in dit.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")]
+    assert procs and all(str(getattr(p._attention_backend, "value", p._attention_backend)) == "_native_math" for p in procs)
