@@ -17,7 +17,7 @@ from plotly.subplots import make_subplots
 
 from .config import find_settings, load_config
 from .data import atomic_path, load_video, sample_frames
-from .sampling import (SAMPLING_DEFAULTS, build_pipeline, noise_seed, sample_clips, sample_videos, sampling_defaults,
+from .sampling import (SAMPLING_DEFAULTS, build_pipeline, noise_seed, sample_clips, sample_videos, sampling_defaults, prompt_dtype,
                            sampling_scheduler, to_uint8_video)  # re-exported: `from sara.evaluate import sample_clips` keeps working
 
 
@@ -1067,10 +1067,10 @@ def training_curves(
 # %% ../nbs/evaluate.ipynb #be91ce4c
 def _sample_benchmarks(rd, plan: dict, out: Path, seeds, overrides: dict, device: str, progress: bool) -> tuple:
     "Load one run and sample every benchmark's prompts on fixed noise; returns (label, settings, {benchmark: entries}, run method)."
-    from sara.text import build_text_encoder
+    from sara.text import text_encoder_for
     cfg, models = load_run(rd, device)
     st = sampling_defaults(cfg.wan_model, dict(n_frames=cfg.n_frames, height=cfg.height, width=cfg.width), **overrides)
-    te = build_text_encoder(cfg.text_model).to(device)
+    te = text_encoder_for(cfg.text_model, device, prompt_dtype(cfg))   # UMT5 in the run's precision (sara.sampling)
     pipe = build_pipeline(models, cfg, st["shift"])
     kw = {k: st[k] for k in ("steps", "n_frames", "height", "width", "guidance_scale", "guidance_scale_2", "negative_prompt", "fps")}
     label, got = Path(rd).name, {}

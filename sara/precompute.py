@@ -258,13 +258,12 @@ def build_precompute_models(
     "Build the frozen VAE, prompt encoder, embedder, VFM (and mask provider) of a pass; tiny models from `cfg.seed`."
     from sara.wan import build_vae
     from sara.vfm import build_vfm
-    from sara.text import build_text_encoder, build_embedder, MiniLMEncoder
+    from sara.text import text_encoder_for, build_embedder, MiniLMEncoder
     from sara.masks import build_mask_provider, build_flow_provider
     device = resolve_precompute_device(cfg.device) if device is None else device
     vae = build_vae(cfg.wan_model, seed=cfg.seed).to(device)  # the VAE alone: the DiT (5B: 20 GB in float32) is not read
     vfm = build_vfm(cfg.vfm_model, seed=cfg.seed, dtype=DTYPES[cfg.compute_dtype]).to(device)
-    umt5 = {} if cfg.text_model == "minilm" else dict(dtype=DTYPES[cfg.compute_dtype])   # UMT5-XXL: 11 GB in bf16, 23 in float32
-    text = build_text_encoder(cfg.text_model, **umt5).to(device)
+    text = text_encoder_for(cfg.text_model, device, DTYPES[cfg.compute_dtype])   # UMT5-XXL: 11 GB in bf16, 23 in float32
     share = cfg.embedder == "minilm" and isinstance(text, MiniLMEncoder)
     embedder = text if share else build_embedder(cfg.embedder).to(device)
     provider = None if cfg.masks == "toy" else build_mask_provider(cfg.masks, cfg.mask_model, device=str(device))

@@ -18,7 +18,8 @@ from .data import read_manifest, write_video
 
 # %% auto #0
 __all__ = ['WAN22_NEG_PROMPT', 'SAMPLING_DEFAULTS', 'NAMINGS', 'model_family', 'sampling_defaults', 'sampling_scheduler',
-           'build_pipeline', 'noise_seed', 'sample_name', 'to_uint8_video', 'sample_videos', 'sample_clips']
+           'build_pipeline', 'noise_seed', 'sample_name', 'to_uint8_video', 'sample_videos', 'prompt_dtype',
+           'sample_clips']
 
 # %% ../nbs/sampling.ipynb #2fececcf
 WAN22_NEG_PROMPT = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"  # Wan2.2 wan/configs/shared_config.py l. 19 (sample_neg_prompt)
@@ -176,6 +177,10 @@ def sample_videos(
 
 
 # %% ../nbs/sampling.ipynb #2e8656be
+def prompt_dtype(cfg) -> torch.dtype:  # the UMT5 parameter dtype of sampling for this run
+    "The run's mixed precision (`bf16`/`fp16`) as the prompt encoder's dtype, float32 otherwise: a bf16 run's cached prompts came from a bf16 UMT5."
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+
 def sample_clips(
     models,                 # the run's models (`sara.train.Models`; the DiT is used as it is)
     cfg,                    # the run's `RunConfig`
@@ -186,13 +191,13 @@ def sample_clips(
     guidance_scale: float = 1.0,  # classifier-free guidance (validation default: off)
 ) -> list[dict]:            # index entries
     "Validation sampling (`sara.train.run_validation`): the first `n` captions of the run's data, the run's seed and size."
-    from sara.text import build_text_encoder
+    from sara.text import text_encoder_for
     if cache is not None: caps = [(cid, cache[cid]["caption"]) for cid in cache.ids[:n]]
     else: caps = [(r.id, r.caption) for r in read_manifest(cfg.manifest)[:n]]
     prompts = [dict(id=cid, prompt=c, dimension="validation", entities=[]) for cid, c in caps]
     st = sampling_defaults(cfg.wan_model, dict(n_frames=cfg.n_frames, height=cfg.height, width=cfg.width),
                            steps=steps, guidance_scale=guidance_scale)
-    te = build_text_encoder(cfg.text_model).to(models.dit.device)
+    te = text_encoder_for(cfg.text_model, models.dit.device, prompt_dtype(cfg))   # UMT5 in the run's precision
     return sample_videos(build_pipeline(models, cfg, st["shift"]), te, prompts, out, seeds=[cfg.seed], steps=st["steps"],
                          n_frames=cfg.n_frames, height=cfg.height, width=cfg.width, guidance_scale=st["guidance_scale"],
                          negative_prompt=st["negative_prompt"], fps=st["fps"],

@@ -6,7 +6,7 @@ Docs: https://sara-workbench.github.io/sara/text.html.md"""
 
 # %% auto #0
 __all__ = ['POOLINGS', 'clean_prompts', 'zero_padding', 'minilm_path', 'MiniLMEncoder', 'UMT5PromptEncoder', 'make_tiny_umt5_dir',
-           'build_text_encoder', 'TextEmbedder', 'build_embedder', 'make_tiny_embedder_dir']
+           'build_text_encoder', 'text_encoder_for', 'TextEmbedder', 'build_embedder', 'make_tiny_embedder_dir']
 
 # %% ../nbs/text.ipynb #df98a1d1
 import html
@@ -146,6 +146,15 @@ def build_text_encoder(name: str = "minilm",  # "minilm" or a Wan2.2 diffusers d
     if not Path(str(name)).expanduser().is_dir():
         raise FileNotFoundError(f"text encoder {name!r} is neither 'minilm' nor an existing Wan2.2 directory")
     return UMT5PromptEncoder(name, **kwargs)
+
+def text_encoder_for(name: str,                       # "minilm" or a Wan2.2 diffusers directory (UMT5)
+                     device,                          # where it runs
+                     dtype: torch.dtype = torch.float32,  # UMT5's parameter dtype (bf16: as Wan2.2 runs it)
+                    ):                                # the encoder, frozen, on `device`
+    """`build_text_encoder(name)` on `device` with UMT5 loaded in `dtype` (UMT5-XXL: 11 GB in bf16, 23 GB in float32);
+    MiniLM stays float32. What precompute, validation sampling and evaluation use, so that none loads UMT5-XXL in
+    float32 by default."""
+    return build_text_encoder(name, **({} if name == "minilm" else dict(dtype=dtype))).to(device)
 
 # %% ../nbs/text.ipynb #759b6e0b
 POOLINGS = ("mean", "cls", "last")

@@ -134,3 +134,19 @@ def test_embedder_errors(tmp_path, bert_dir):
     with pytest.raises(ValueError, match="non-empty"):
         TextEmbedder(bert_dir).embed([])
     assert build_embedder("minilm").dim == 384
+
+
+def test_text_encoder_for_loads_umt5_in_the_asked_dtype(tmp_path):
+    "Precompute, validation sampling and evaluation build the prompt encoder through text_encoder_for: UMT5 in the run's precision (UMT5-XXL: 11 GB in bf16, 23 in float32)."
+    from sara.text import text_encoder_for
+    wan = str(make_tiny_umt5_dir(tmp_path / "wan"))
+    enc = text_encoder_for(wan, "cpu", torch.bfloat16)
+    assert isinstance(enc, UMT5PromptEncoder) and {p.dtype for p in enc.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in text_encoder_for(wan, "cpu").parameters()} == {torch.float32}
+
+
+def test_sampling_prompt_dtype_follows_the_run():
+    from sara.config import make_config
+    from sara.sampling import prompt_dtype
+    assert prompt_dtype(make_config(dict(mixed_precision="bf16", device="cpu"))) == torch.bfloat16
+    assert prompt_dtype(make_config(dict(mixed_precision="no"))) == torch.float32
