@@ -39,14 +39,8 @@ case $PART in
       mkdir -p /tmp/back && tar xzf $BACK/chosen.tgz -C /tmp/back && cp -r $CARRY/text /tmp/back/chosen/
       front /tmp/back/chosen 200 $BACK/chosen.json
     fi
-    SET=$($PY - "$R" <<'PY'
-import json, sys
-s = json.load(open(sys.argv[1] + "/study.json"))["size"]   # the study's own size, so the folder check passes
-print(" ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in s.items() if k not in ("name", "workers")))
-PY
-)
-    timeout ${TRAIN_S:-400} $PY -m sara.study --size $SIZE --stage train --root $R --set $SET workers=$W 2>&1 | grep -v "$F" | tail -5 | tee -a $OUT/stage2.log
-    timeout ${SAMPLE_S:-110} $PY -m sara.study --size $SIZE --stage sample --root $R --set $SET workers=$W 2>&1 | grep -v "$F" | tail -5 | tee -a $OUT/stage2.log
+    timeout ${TRAIN_S:-400} $PY -m sara.study --size $SIZE --stage train --root $R --like $R/study.json --set workers=$W 2>&1 | grep -v "$F" | tail -5 | tee -a $OUT/stage2.log
+    timeout ${SAMPLE_S:-110} $PY -m sara.study --size $SIZE --stage sample --root $R --like $R/study.json --set workers=$W 2>&1 | grep -v "$F" | tail -5 | tee -a $OUT/stage2.log
     $PY -c "from sara.study import pack_results as p; print(p('$R', '$OUT', runs=[]))" 2>&1 | tail -2 | tee -a $OUT/stage2.log
     ;;
   *) echo "unknown part $PART (sweep|stage2)"; exit 2 ;;

@@ -34,8 +34,8 @@ __all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'IMAGENET_MEAN', 'I
            'reconstruct', 'stage_vae', 'encoder_config', 'tube_mask', 'jepa_loss', 'pretrain_encoder', 'stage_encoder',
            'token_labels', 'linear_probe', 'probe_encoders', 'random_encoder', 'probe_encoder', 'probe_recipe',
            'dit_config', 'stage_wan', 'cache_params', 'stage_cache', 'stage_stage1', 'run_params', 'run_finished',
-           'gpu_slots', 'write_viz', 'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score',
-           'viz_inputs', 'study_table', 'table_markdown', 'loss_curves', 'sample_grid', 'report_figures',
+           'gpu_slots', 'visible_gpu', 'write_viz', 'stage_train', 'load_study_run', 'stage_sample', 'clip_features',
+           'stage_score', 'viz_inputs', 'study_table', 'table_markdown', 'loss_curves', 'sample_grid', 'report_figures',
            'stage_report', 'run_study', 'pack_results', 'unpack_results', 'like_size', 'study_cli']
 
 # %% ../nbs/study.ipynb #dc2a3666
@@ -734,6 +734,11 @@ def gpu_slots(
     for k in range(workers): q.put(k % n if n else None)
     return q
 
+def visible_gpu(gpu: int) -> str:  # the CUDA_VISIBLE_DEVICES value of a worker using this process's GPU `gpu`
+    "This process's GPU index `gpu` as a child's CUDA_VISIBLE_DEVICES: the parent's own list is honoured (index 0 of '2,3' is GPU 2)."
+    vis = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return vis[gpu] if vis else str(gpu)
+
 def _env(gpu: int | None = None, workers: int = 1) -> dict:
     "The environment of a worker process: this package first on the path, its GPU alone visible, its share of the CPU threads."
     import sara
@@ -742,7 +747,7 @@ def _env(gpu: int | None = None, workers: int = 1) -> dict:
     env["PYTHONPATH"] = top + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("HF_HUB_OFFLINE", "1"); env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, workers))))   # no oversubscription
-    if gpu is not None: env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    if gpu is not None: env["CUDA_VISIBLE_DEVICES"] = visible_gpu(gpu)
     return env
 
 def _launch_run(args) -> dict:
@@ -815,7 +820,7 @@ def _projector_dim(rd: Path) -> int:
 
 def _sample_one(args) -> str:
     root, s, run, out, gpu = args
-    if gpu is not None: os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)   # a fresh process (spawn): CUDA not initialised yet
+    if gpu is not None: os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu(gpu)   # a fresh process (spawn): CUDA not initialised yet
     from sara.sampling import build_pipeline, sample_videos
     root, dev = Path(root), _device()
     cfg, models = load_study_run(root, s, run, dev)
