@@ -6,10 +6,11 @@
 #                                  samples into $OUT (scoring and the report run on any CPU: sara-study --unpack)
 # CARRY: finished world/ (scenes.json) and text/ (the MiniLM table, built where MiniLM is installed).
 # WHL: wheels of what the device image lacks (diffusers, av, importlib_metadata, fastcore for its python).
+# GPUS: the sweep's round-robin list (e.g. 0,1,1,1: the first recipe, the VAE, alone on GPU 0).
 # BACK: the sweep part's returned files (chosen.json, chosen.tgz), used by stage2 when this machine is a fresh one.
 set -o pipefail
 PART=${1:?usage: bench/study_device.sh sweep|stage2}
-WHL=${WHL:-.h13/whl}; CARRY=${CARRY:-.h13/carry3}; BACK=${BACK:-.h13/back1}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+WHL=${WHL:-.h13/whl}; CARRY=${CARRY:-.h13/carry4}; BACK=${BACK:-.h13/back4}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 R=${R:-/tmp/study}; S=${S:-/tmp/sweep}
 PY=${PY:-python3}; SIZE=${SIZE:-default}
 if [ -n "$WHL" ]; then $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $WHL/*.whl || exit 1; fi
@@ -27,7 +28,7 @@ front() {   # world .. stage1 of the study with the chosen recipes (finished sta
 }
 case $PART in
   sweep)
-    timeout 400 $PY bench/study_sweep.py --size $SIZE --root $S ${SWEEP_ARGS:-} --carry $CARRY --gpus $($PY -c "print(','.join(map(str, range(max(1, $NG)))))") --timeout 380 \
+    timeout ${SWEEP_S:-450} $PY bench/study_sweep.py --size $SIZE --root $S ${SWEEP_ARGS---vae vfull_b8 --enc mae90_wide,mae90_wide_b128,jepa90_wide_b128} --carry $CARRY --gpus ${GPUS:-$($PY -c "print(','.join(map(str, range(max(1, $NG)))))")} --timeout ${RECIPE_S:-440} \
       2>&1 | grep -v "$F" | tee $OUT/sweep.log || { echo "sweep failed: nothing chosen"; exit 1; }
     cp $S/chosen.json $OUT/
     tar czf $OUT/chosen.tgz -C $S/chosen world vae encoder
@@ -39,8 +40,8 @@ case $PART in
       mkdir -p /tmp/back && tar xzf $BACK/chosen.tgz -C /tmp/back && cp -r $CARRY/text /tmp/back/chosen/
       front /tmp/back/chosen 200 $BACK/chosen.json
     fi
-    timeout ${TRAIN_S:-400} $PY -m sara.study --size $SIZE --stage train --root $R --like $R/study.json --set workers=$W 2>&1 | grep -v "$F" | tail -5 | tee -a $OUT/stage2.log
-    timeout ${SAMPLE_S:-110} $PY -m sara.study --size $SIZE --stage sample --root $R --like $R/study.json --set workers=$W 2>&1 | grep -v "$F" | tail -5 | tee -a $OUT/stage2.log
+    timeout ${TRAIN_S:-390} $PY -m sara.study --size $SIZE --stage train --root $R --like $R/study.json --set workers=$W 2>&1 | grep -v "$F" | tail -5 | tee -a $OUT/stage2.log
+    timeout ${SAMPLE_S:-140} $PY -m sara.study --size $SIZE --stage sample --root $R --like $R/study.json --set workers=$W 2>&1 | grep -v "$F" | tail -5 | tee -a $OUT/stage2.log
     $PY -c "from sara.study import pack_results as p; print(p('$R', '$OUT', runs=[]))" 2>&1 | tail -2 | tee -a $OUT/stage2.log
     ;;
   *) echo "unknown part $PART (sweep|stage2)"; exit 2 ;;

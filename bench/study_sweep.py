@@ -21,18 +21,25 @@ The selection uses the reported held-out clips (VAE) and probe clips (encoder): 
 import argparse, json, os, shutil, subprocess, sys, time
 from pathlib import Path
 
-# recipe name -> StudySize fields replaced (every other field is the default size's); fixed before the sweep ran
+# recipe name -> StudySize fields replaced (every other field is the default size's); fixed before the sweep ran.
+# Part 3 (2026-11-30, the world of sara.toy's radius 0.07-0.10) ran v5b16, v9b8, mae, mae_raw90, mae90_wide, jepa90 and
+# jepa90_wide (bench/README.md); part 4 runs the world of StudySize.toy_radius (0.12, 0.16) with the rows marked 4.
 VAE_RECIPES = {
     "v5b16": dict(vae_frames=5, vae_batch=16, vae_steps=2000),   # short clips (2 latent frames): 80 frames per step
     "v9b8": dict(vae_frames=9, vae_batch=8, vae_steps=2000),     # 3 latent frames: 72 frames per step (default: 17 x 8 = 136)
+    "vfull_b8": dict(vae_frames=0, vae_batch=8, vae_steps=1500),    # 4: part 1's recipe (28.5 dB in part 1's world)
+    "vfull_b16": dict(vae_frames=0, vae_batch=16, vae_steps=1500),  # 4: twice the clips per step (the Wan VAE decodes latent frames one by one: steps are latency-bound)
 }
 ENC_RECIPES = {
     "mae": dict(enc_steps=3000, enc_batch=32),                               # today's objective, 4x the samples
     "mae_raw90": dict(enc_steps=3000, enc_batch=32, enc_norm_pix=False, mask_ratio=0.9),
-    "mae90_wide": dict(enc_steps=3000, enc_batch=32, mask_ratio=0.9, enc_hidden=256, enc_layers=6, enc_heads=8),
+    "mae90_wide": dict(enc_steps=3000, enc_batch=32, mask_ratio=0.9, enc_hidden=256, enc_layers=6, enc_heads=8),  # 4 too
     "jepa90": dict(enc_steps=3000, enc_batch=32, enc_objective="jepa", mask_ratio=0.9, enc_ema=0.996),
     "jepa90_wide": dict(enc_steps=3000, enc_batch=32, enc_objective="jepa", mask_ratio=0.9, enc_ema=0.996,
                         enc_hidden=256, enc_layers=6, enc_heads=8),
+    "mae90_wide_b128": dict(enc_steps=2000, enc_batch=128, mask_ratio=0.9, enc_hidden=256, enc_layers=6, enc_heads=8),  # 4: 2.7x the clips
+    "jepa90_wide_b128": dict(enc_steps=2000, enc_batch=128, enc_objective="jepa", mask_ratio=0.9, enc_ema=0.998,
+                             enc_hidden=256, enc_layers=6, enc_heads=8),                                             # 4
 }
 
 

@@ -45,6 +45,7 @@ class StudySize:
     name: str = "default"        # default | micro
     size: int = 128              # frame side in pixels (VAE 8x, DiT patch 2: size/16 DiT tokens per side)
     n_frames: int = 17           # frames per clip (4k+1: 1 + (n_frames-1)/4 latent frames)
+    toy_radius: tuple = (0.12, 0.16)  # shapes' bounding radius, a fraction of the frame side (sara.toy's default (0.07, 0.10) until part 3: 7.6 % foreground tokens, an entity mostly inside one encoder token; now 18.6 %, several tokens per entity, so token relations have structure; fixed before any run with it)
     world_clips: int = 2048      # in-memory training clips of the VAE and the target encoder
     manifest_clips: int = 768    # training clips written to disk for sara.precompute (and Stage 1 / 2)
     heldout_prompts: int = 24    # held-out prompts (half of them with a colour-shape combination never seen in training)
@@ -74,7 +75,7 @@ class StudySize:
     dit_layers: int = 6          # DiT blocks
     dit_ffn: int = 1024          # DiT feed-forward width
     stage1_steps: int = 400      # Stage 1 steps of each head
-    train_steps: int = 400       # Stage 2 steps (every method, every seed)
+    train_steps: int = 800       # Stage 2 steps (every method, every seed; 400 in part 3, where all 21 runs took 3 minutes on 2 GPUs)
     train_batch: int = 64        # Stage 2 clips per step (64 from the third device run on: a 7 M-parameter DiT step is far from compute-bound on an H200)
     train_lr: float = 3e-4       # Stage 2 learning rate (every method)
     warmup: int = 50             # Stage 2 linear warm-up steps
@@ -90,7 +91,7 @@ class StudySize:
 
 SIZES = {
     "default": StudySize(),
-    "micro": StudySize(name="micro", size=32, n_frames=5, world_clips=8, manifest_clips=8, heldout_prompts=2,
+    "micro": StudySize(name="micro", size=32, n_frames=5, toy_radius=(0.07, 0.10), world_clips=8, manifest_clips=8, heldout_prompts=2,
                        probe_clips=8, vae_base_dim=4, vae_z_dim=4, vae_steps=2, vae_batch=1, enc_hidden=32, enc_layers=1,
                        enc_heads=2, enc_steps=4, enc_batch=4, probe_steps=20, dit_heads=2, dit_head_dim=16, dit_layers=2,
                        dit_ffn=64, stage1_steps=10, train_steps=4, train_batch=4, warmup=0, block=1,
@@ -204,16 +205,16 @@ def world_seeds(s: StudySize) -> dict:  # the seed of each independent set of cl
 def train_frames(s: StudySize, n: int) -> torch.Tensor:  # uint8 (n, T, 3, H, W)
     "The first `n` training clips of the world (no held-out colour-shape combination), in memory."
     from sara.toy import toy_batch
-    return toy_batch(n, world_seeds(s)["train"], s.n_frames, s.size, split="train")["frames"]
+    return toy_batch(n, world_seeds(s)["train"], s.n_frames, s.size, split="train", radius=s.toy_radius)["frames"]
 
 def world_scenes(s: StudySize) -> dict:  # {"train": [scene], "heldout": [scene], "reference": [scene]} (plain JSON)
     "Simulate the study's scenes (no pixels): the training manifest, the held-out prompts (first half with an unseen colour-shape combination) and a second real set."
     from sara.toy import toy_scenes
     ws, n_u = world_seeds(s), s.heldout_prompts // 2
-    out = dict(train=toy_scenes(s.manifest_clips, ws["train"], s.n_frames, s.size, split="train"))
+    out = dict(train=toy_scenes(s.manifest_clips, ws["train"], s.n_frames, s.size, split="train", radius=s.toy_radius))
     for which in ("heldout", "reference"):
         out[which] = [dict(sc, unseen=split == "held_out") for split, n in (("held_out", n_u), ("train", s.heldout_prompts - n_u))
-                      for sc in toy_scenes(n, ws[which], s.n_frames, s.size, split=split)]
+                      for sc in toy_scenes(n, ws[which], s.n_frames, s.size, split=split, radius=s.toy_radius)]
     return out
 
 def scene_prompts(scenes: list[dict]) -> list[dict]:  # [{id, prompt, entities, unseen, events}]
@@ -250,6 +251,11 @@ def stage_world(root: Path, s: StudySize, d: Path) -> dict:
     want = dict(train=s.manifest_clips, heldout=s.heldout_prompts, reference=s.heldout_prompts)
     got = {k: len(scenes.get(k, [])) for k in want}
     if got != want: raise ValueError(f"{f}: a carried world of {got} scenes, this size needs {want}; carry a world made at this size")
+    lo, hi = s.toy_radius
+    radii = [e["radius"] / min(sc["size"]) for v in scenes.values() for sc in v for e in sc["entities"]]
+    if radii and not lo - 1e-6 <= min(radii) <= max(radii) <= hi + 1e-6:
+        raise ValueError(f"{f}: a carried world with shape radii {min(radii):.3f}..{max(radii):.3f} of the frame side, "
+                         f"this size draws {lo}..{hi} (StudySize.toy_radius); carry a world made at this size")
     _clean(d); write_json(f, scenes)
     manifest = _write_manifest(d / "data", scenes["train"])
     for which in ("heldout", "reference"):
@@ -568,7 +574,7 @@ def probe_encoders(
     geos = {(e.geometry.tubelet, e.geometry.patch) for e in encoders.values()}
     if len(geos) != 1: raise ValueError(f"probe_encoders needs one token geometry (tubelet, patch), got {sorted(geos)}")
     (tub, patch), = geos
-    b = toy_batch(s.probe_clips, world_seeds(s)["probe"], s.n_frames, s.size, split="all", masks=True, flow=True)
+    b = toy_batch(s.probe_clips, world_seeds(s)["probe"], s.n_frames, s.size, split="all", masks=True, flow=True, radius=s.toy_radius)
     labels = {k: [] for k in ("colour", "shape", "motion")}
     for m, f, sc in zip(b["masks"], b["flow"], b["scenes"]):
         lab = token_labels(m[:, 1:], f[1:], list(sc["names"]), tub, patch)                      # frames 1..T-1, as the encoder sees them
@@ -1148,7 +1154,9 @@ def like_size(path: str | Path) -> dict:  # StudySize fields (all but name and t
     try: size = json.loads(Path(path).read_text())["size"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a study.json with a 'size' record ({e.__class__.__name__}: {e})") from None
-    return {k: v for k, v in size.items() if k not in ("name", *RUN_KNOBS)}
+    out = {k: v for k, v in size.items() if k not in ("name", *RUN_KNOBS)}
+    out.setdefault("toy_radius", [0.07, 0.10])   # recorded before the field existed: sara.toy's own TOY_RADIUS then
+    return out
 
 def study_cli(argv: list[str] | None = None):  # command-line arguments (default: sys.argv[1:])
     "Console entry point `sara-study`: run stages of the controlled study (`--stage all` runs or reuses every stage)."

@@ -343,6 +343,7 @@ def simulate_toy_scene(
     n_shapes: tuple[int, int] = (2, 4), # inclusive range of the number of shapes
     split: str = "train",           # 'train' (train combinations only), 'held_out' (one held-out shape), 'all'
     held_out=TOY_HELD_OUT,          # the held-out (colour, shape) combinations
+    radius: tuple[float, float] = TOY_RADIUS, # range of the shapes' bounding radius, a fraction of the shorter side
 ) -> dict:                          # the scene: names, caption, entities (with trajectories), events, size
     "Simulate one clip of the study world (no pixels yet): shapes, exact trajectories, events and the caption."
     _check_split(split)
@@ -350,11 +351,12 @@ def simulate_toy_scene(
     if n_frames < 2: raise ValueError(f"n_frames must be at least 2, got {n_frames}")
     lo_n, hi_n = n_shapes
     if not 1 <= lo_n <= hi_n <= len(TOY_COLOURS): raise ValueError(f"n_shapes must be 1 <= lo <= hi <= {len(TOY_COLOURS)}, got {n_shapes}")
+    if not 0 < radius[0] <= radius[1] <= 0.25: raise ValueError(f"radius must be 0 < lo <= hi <= 0.25 (fractions of the frame's shorter side), got {tuple(radius)}")
     for _attempt in range(100):
         E = int(rng.integers(lo_n, hi_n + 1))
         combos = _toy_pick(rng, E, split, held_out)
         shapes = [s for _, s in combos]
-        r = rng.uniform(*TOY_RADIUS, E) * side
+        r = rng.uniform(*radius, E) * side
         lo, hi = _toy_walls(shapes, r, H, W)
         layer = np.zeros(E, int) if rng.random() < 0.5 else rng.integers(0, 2, E)
         pos = np.zeros((E, 2))
@@ -469,9 +471,10 @@ def toy_scenes(
     split: str = "train",           # 'train', 'held_out' or 'all' (see `simulate_toy_scene`)
     n_shapes: tuple[int, int] = (2, 4), # inclusive range of the number of shapes
     held_out=TOY_HELD_OUT,          # the held-out (colour, shape) combinations
+    radius: tuple[float, float] = TOY_RADIUS, # range of the shapes' bounding radius (see `simulate_toy_scene`)
 ) -> list[dict]:                    # scenes (no pixels): caption, names, entities, events, ...
     "Simulate `n` scenes without painting them (fast: captions, entities and events for prompt lists)."
-    return [{**simulate_toy_scene(g, n_frames, size, n_shapes, split, held_out), "id": f"{split}_{i:05d}"}
+    return [{**simulate_toy_scene(g, n_frames, size, n_shapes, split, held_out, radius), "id": f"{split}_{i:05d}"}
             for i, g in enumerate(_clip_rngs(n, seed, split))]
 
 def toy_batch(
@@ -484,9 +487,10 @@ def toy_batch(
     held_out=TOY_HELD_OUT,          # the held-out (colour, shape) combinations
     masks: bool = False,            # also return the exact masks
     flow: bool = False,             # also return the exact flow
+    radius: tuple[float, float] = TOY_RADIUS, # range of the shapes' bounding radius (see `simulate_toy_scene`)
 ) -> dict: # frames uint8 (n, T, 3, H, W); scenes list[dict]; masks list of bool (E_i, T, H, W) or None; flow float32 (n, T, 2, H, W) or None
     "Generate `n` clips of the study world in memory, with their scenes and, on request, exact masks and flow."
-    scenes = toy_scenes(n, seed, n_frames, size, split, n_shapes, held_out)
+    scenes = toy_scenes(n, seed, n_frames, size, split, n_shapes, held_out, radius)
     H, W = _hw(size)
     frames = np.empty((n, n_frames, 3, H, W), np.uint8)
     all_masks, flows = [], (torch.empty(n, n_frames, 2, H, W) if flow else None)
