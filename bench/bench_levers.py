@@ -10,9 +10,16 @@ run, peak memory), the chosen default, and what `sara.train.resolve_levers` woul
     PYTHONPATH=. python3 bench/bench_levers.py --native --out levers.json         # + TI2V-5B at 704x1280x121 with the choice
     python3 bench/bench_levers.py --device cpu --dit small --layers 2 --frames 9 --height 64 --width 64   # CPU smoke, seconds
 
+Rows run in this order, so that a short budget keeps the new ones: compile regional + checkpointing off, compile
+regional + `blocks:K` (the first K blocks checkpointed; K is what `sara.train.resolve_levers` picks for a GPU with
+`--mem-gib` free, 80 by default: an H100), with `--native` the GPU default that `resolve_levers` picks on this GPU at
+704x1280x121, then today's step, each lever alone, and the best combination of those.
+
 The lever rows keep one DiT and reset it between rows (checkpointing off, default attention, blocks uncompiled, the
-float32 modules cast back); compiled rows pay their compilation in the warm-up steps (not timed; reported as
-`first_s`). `--budget` seconds stops before a row that would not finish in time (the rest are listed as skipped).
+float32 modules cast back). A compiled row keeps warming up (after `--warmup` steps, up to `--max-warmup`) until two
+consecutive steps agree within 3 %: compilation and recompilation stay out of the timed steps; the first step's time is
+`first_s` (the compilation) and the warm-up times are `warm_s`. `--budget` seconds stops before a row that would not
+finish in time (the rest are listed as skipped).
 """
 import argparse, json, math, os, statistics, sys, time
 from pathlib import Path
@@ -27,6 +34,9 @@ PEAK_BF16 = 989e12        # H100 / H200 SXM dense bf16
 MEM_LIMIT_GIB = 80.0      # the default must fit an H100 80GB (issue 15)
 SMALL = dict(TI2V_5B, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, text_dim=64, freq_dim=32)  # CPU smoke
 TODAY = dict(grad_checkpointing="full", attention_backend="", compile="off", fused_adamw=True, fp32_modules=False)
+STABLE = 0.03            # a compiled row is warm when two consecutive steps differ by less than this fraction
+NEW = [("compile regional + checkpointing off", dict(compile="regional", grad_checkpointing="off")),   # issue 15's missing rows
+       ("compile regional + blocks:K", dict(compile="regional", grad_checkpointing="blocks:K"))]   # K from --blocks / --mem-gib
 SINGLE = [("checkpointing off", dict(grad_checkpointing="off")),            # in order of interest: the budget may cut the tail
           ("checkpointing selective", dict(grad_checkpointing="selective")),
           ("attention _native_cudnn", dict(attention_backend="_native_cudnn")),
@@ -80,14 +90,18 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5); ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--methods", default="sft,sara")
     ap.add_argument("--rows", default="", help="comma-separated lever rows to run (default: all); 'today' and 'best' always")
-    ap.add_argument("--native", action="store_true", help="also time the chosen levers at 704x1280, 121 frames (sft)")
+    ap.add_argument("--native", action="store_true", help="also time the GPU default (resolve_levers on this GPU) at 704x1280, 121 frames (sft)")
+    ap.add_argument("--native-size", default="121x704x1280", help="frames x height x width of --native (smaller: the CPU check)")
+    ap.add_argument("--mem-gib", type=float, default=MEM_LIMIT_GIB, help="free GPU memory the blocks:K row is chosen for (resolve_levers)")
+    ap.add_argument("--blocks", type=int, default=None, help="K of the blocks:K row (default: resolve_levers' choice at --mem-gib)")
+    ap.add_argument("--max-warmup", type=int, default=10, help="most warm-up steps of a compiled row (it stops when two steps agree)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; rows that would start later are skipped")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from sara.config import RunConfig
-    from sara.train import AUTO_CUDA, Models, apply_levers, make_adamw, resolve_levers, step_losses
+    from sara.train import AUTO_CUDA, Models, apply_levers, checkpointed_blocks, make_adamw, resolve_levers, step_losses
     from sara.wan import Projector, WanParts
     import torch._dynamo
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
@@ -131,17 +145,23 @@ def main(argv=None):
             opt = make_adamw(params, RunConfig(lr=1e-5), fused=levers["fused_adamw"])
             noise_gen = torch.Generator().manual_seed(1)
             if cuda: torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
-            times = []
-            for i in range(args.warmup + steps):
+            times, warm = [], args.warmup
+
+            def warming():   # compiled rows: until two consecutive steps agree (compilation, recompilation done)
+                if levers["compile"] == "off" or len(times) >= args.max_warmup: return False
+                return len(times) < 2 or abs(times[-1] - times[-2]) > STABLE * min(times[-2:])
+            while True:
                 if cuda: torch.cuda.synchronize()
                 t = time.perf_counter()
                 losses = step_losses(batch, models, rc, noise_gen)
                 opt.zero_grad(set_to_none=True); losses["total"].backward(); opt.step()
                 if cuda: torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
-            med = statistics.median(times[args.warmup:])
+                if len(times) == warm and warming(): warm += 1   # one more warm-up step
+                if len(times) >= warm + steps: break
+            med = statistics.median(times[warm:])
             flops = dit_model_flops(cfg, n_tok, 512, args.batch)
-            row.update(ms=med * 1e3, first_s=times[0], tokens_s=args.batch * n_tok / med, mfu=flops / med / PEAK_BF16,
+            row.update(ms=med * 1e3, first_s=times[0], warm_s=times[1:warm], tokens_s=args.batch * n_tok / med, mfu=flops / med / PEAK_BF16,
                        mfu_mm=flops / med / (mm * 1e12) if cuda else None,
                        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                        fm=losses["fm"].item(), trd=losses["trd"].item())
@@ -159,8 +179,29 @@ def main(argv=None):
           f"{cfg['num_layers']} blocks, width {C}, {n_tok} tokens ({args.height}x{args.width}, {args.frames} frames, batch "
           f"{args.batch}); TRD grid {batch['grid']} D={args.vfm_dim}; bf16 matmul {mm:.0f} TFLOP/s", flush=True)
     wanted = set(filter(None, args.rows.split(",")))
-    plan = [("today", TODAY)] + [(n, dict(TODAY, **d)) for n, d in SINGLE if not wanted or n in wanted]
     rows, skipped, row_s = [], [], []
+    K = args.blocks
+    if K is None:   # what `auto` picks under regional compilation on a CUDA GPU with --mem-gib free (no GPU is asked)
+        pick = resolve_levers(RunConfig(compile="regional"), torch.device("cuda"), dit, tokens=args.batch * n_tok,
+                              free_gib=args.mem_gib)
+        K = checkpointed_blocks(pick["grad_checkpointing"], cfg["num_layers"])
+        print(f"blocks:K for a GPU with {args.mem_gib:.0f} GiB free: {pick['why'][0]}")
+        if K is None: skipped.append(f"compile regional + blocks:K ({pick['grad_checkpointing']} at {args.mem_gib:.0f} GiB: no K to measure)")
+    print(f"K = {K}", flush=True)
+    new = [(n.replace("blocks:K", f"blocks:{K}"), {**TODAY, **d, "grad_checkpointing": d["grad_checkpointing"].replace("blocks:K", f"blocks:{K}")})
+           for n, d in NEW if (not wanted or n in wanted) and (K is not None or "blocks:K" not in n)]
+    plan = [("today", TODAY)] + [(n, dict(TODAY, **d)) for n, d in SINGLE if not wanted or n in wanted]
+
+    def write(best=None, auto=None, final=False):
+        "The JSON so far (after every row: a call that ends by its time limit keeps the rows it measured)."
+        if not args.out: return
+        out = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, params=n_params,
+                   config=cfg, frames=args.frames, height=args.height, width=args.width, batch=args.batch, tokens=n_tok,
+                   matmul_tflops=mm if cuda else None, blocks_k=K, mem_gib=args.mem_gib, rows=rows, skipped=skipped, chosen=best,
+                   resolve_levers=None if auto is None else {k: auto[k] for k in (*best, "why")},
+                   complete=final, wall_s=time.perf_counter() - t_start)
+        tmp = Path(args.out + ".tmp"); tmp.write_text(json.dumps(out, indent=1, default=str)); os.replace(tmp, args.out)
+        if final: print(f"wrote {args.out}")
 
     def run_rows(todo, reserve=0.0):
         "Measure the rows in order; skip one that would end later than the budget less `reserve` seconds."
@@ -171,46 +212,66 @@ def main(argv=None):
                 if not cuda and name in CUDA_ONLY: skipped.append(f"{name}/{method} (CPU: {CUDA_ONLY[name]})"); continue
                 if need > left: skipped.append(f"{name}/{method} (budget: {left:.0f} s left)"); continue
                 r = measure(name, levers, method, batch, n_tok, args.steps)
-                rows.append(r); row_s.append(r["wall_s"] if levers["compile"] == "off" else r["wall_s"] / 3)
-                print(f"  {name:26s} {method:5s} " + (f"{r['ms']:8.1f} ms  peak {r['peak_gib'] or 0:6.2f} GiB  first step {r['first_s']:6.1f} s"
-                      if "ms" in r else r["error"]), flush=True)
+                rows.append(r); row_s.append(r["wall_s"] if levers["compile"] == "off" else r["wall_s"] / 3); write()
+                print(f"  {name:38s} {method:5s} " + (f"{r['ms']:8.1f} ms  peak {r['peak_gib'] or 0:6.2f} GiB  first step "
+                      f"{r['first_s']:6.1f} s, {len(r['warm_s']) + 1} warm-up" if "ms" in r else r["error"]), flush=True)
 
+    def native_row():
+        "The GPU default (`resolve_levers` on this GPU, its free memory) at TI2V-5B's native 704x1280x121, sft."
+        f, h, w = map(int, args.native_size.split("x")); tag = f"{h}x{w}x{f}"
+        if args.budget - (time.perf_counter() - t_start) < 4 * (max(row_s) if row_s else 0):
+            skipped.append(f"default @{tag}/sft (budget)"); return
+        nb, nt = inputs(f, h, w)
+        reset(dit)
+        if cuda: torch.cuda.empty_cache()
+        auto = resolve_levers(RunConfig(), dev, dit, tokens=args.batch * nt)
+        levers = {k: auto[k] for k in TODAY}
+        print(f"  {tag} ({nt} tokens), resolve_levers on this {'GPU' if cuda else 'CPU'}: {levers}; " + "; ".join(auto["why"]), flush=True)
+        r = measure(f"default @{tag}", levers, "sft", nb, nt, max(2, args.steps - 2))
+        r["why"] = auto["why"]
+        if "OutOfMemory" in r.get("error", "") and levers["grad_checkpointing"] != "full":   # the estimate was wrong: say so, measure full
+            rows.append(r); print(f"  {tag} sft with {levers['grad_checkpointing']}: {r['error']}")
+            r = measure(f"default @{tag} (full)", dict(levers, grad_checkpointing="full"), "sft", nb, nt, max(2, args.steps - 2))
+        rows.append(r); write()
+        print(f"  {tag} sft: " + (f"{r['ms']:.1f} ms, peak {r['peak_gib'] or 0:.2f} GiB, {nt} tokens, first step {r['first_s']:.1f} s"
+                                         if "ms" in r else r["error"]), flush=True)
+
+    run_rows(new)                 # the new rows first: a short budget keeps them
+    if args.native: native_row()
     run_rows(plan[:1])
     run_rows(plan[1:], reserve=6 * max(row_s, default=0) * len(args.methods.split(",")))   # room for the best rows (may compile)
     best = combine(rows)
     run_rows([("best", best)])
     brow = {r["method"]: r for r in rows if r["name"] == "best" and "ms" in r}
     if "sft" in brow and (brow["sft"]["peak_gib"] or 0) > MEM_LIMIT_GIB and best["grad_checkpointing"] != "full":
-        best = dict(best, grad_checkpointing="selective" if best["grad_checkpointing"] == "off" else "full")
+        more = (f"blocks:{K}" if K and best["compile"] != "off" else "selective") if best["grad_checkpointing"] == "off" else "full"
+        best = dict(best, grad_checkpointing=more)
         print(f"best combination peaks above {MEM_LIMIT_GIB} GiB: again with grad_checkpointing={best['grad_checkpointing']}")
         run_rows([("best (fits)", best)])
-    if args.native and args.budget - (time.perf_counter() - t_start) < 4 * (max(row_s) if row_s else 0):
-        skipped.append("best @704x1280x121/sft (budget)")
-    elif args.native:
-        nb, nt = inputs(121, 704, 1280)
-        r = measure("best @704x1280x121", best, "sft", nb, nt, max(2, args.steps - 2))
-        if "OutOfMemory" in r.get("error", "") and best["grad_checkpointing"] != "full":   # the fallback the run would take
-            r = measure("best @704x1280x121", dict(best, grad_checkpointing="full"), "sft", nb, nt, max(2, args.steps - 2))
-        rows.append(r)
-        print(f"  704x1280x121 sft: " + (f"{r['ms']:.1f} ms, peak {r['peak_gib']:.2f} GiB, {nt} tokens" if "ms" in r else r["error"]))
 
     print(f"\nWan2.2-TI2V-5B config ({cfg['num_layers']} blocks), {args.height}x{args.width}, {args.frames} frames, batch "
-          f"{args.batch}, bf16 weights, median of {args.steps} steps after {args.warmup} warm-up; MFU: model FLOPs (3x forward) "
+          f"{args.batch}, bf16 weights, median of {args.steps} steps after {args.warmup} warm-up (compiled rows: until two steps "
+          f"agree within {STABLE:.0%}); MFU: model FLOPs (3x forward) "
           f"per second / 989 TFLOP/s, and / the measured matmul rate")
-    print(f"{'levers':26s} {'method':6s} | {'step ms':>8s} {'tokens/s':>9s} {'MFU':>6s} {'MFU mm':>7s} {'peak GiB':>9s} | vs today")
+    print(f"{'levers':38s} {'method':6s} | {'step ms':>8s} {'tokens/s':>9s} {'MFU':>6s} {'MFU mm':>7s} {'peak GiB':>9s} | vs today")
     base = {r["method"]: r for r in rows if r["name"] == "today" and "ms" in r}
     for r in rows:
-        if "ms" not in r: print(f"{r['name']:26s} {r['method']:6s} | {r['error']}"); continue
-        rel = f"{r['ms'] / base[r['method']]['ms']:6.3f}x" if r["method"] in base else ""
+        if "ms" not in r: print(f"{r['name']:38s} {r['method']:6s} | {r['error']}"); continue
+        rel = f"{r['ms'] / base[r['method']]['ms']:6.3f}x" if r["method"] in base and "@" not in r["name"] else ""   # other clip sizes: no ratio
         mfu_mm = f"{r['mfu_mm']:7.1%}" if r["mfu_mm"] is not None else f"{'-':>7s}"
         pk = f"{r['peak_gib']:9.2f}" if r["peak_gib"] is not None else f"{'-':>9s}"
-        print(f"{r['name']:26s} {r['method']:6s} | {r['ms']:8.1f} {r['tokens_s']:9.0f} {r['mfu']:6.1%} {mfu_mm} {pk} | {rel}")
+        print(f"{r['name']:38s} {r['method']:6s} | {r['ms']:8.1f} {r['tokens_s']:9.0f} {r['mfu']:6.1%} {mfu_mm} {pk} | {rel}")
     for s in skipped: print(f"skipped: {s}")
     final = {r["method"]: r for r in rows if r["name"].startswith("best") and "@" not in r["name"] and "ms" in r}
     print(f"\nchosen default (GPU): {best}")
     if "sft" in final and "sara" in final:
         s, a = final["sft"], final["sara"]
         print(f"sara vs sft with it: {a['ms'] / s['ms'] - 1:+.1%} time, {(a['peak_gib'] or 0) - (s['peak_gib'] or 0):+.2f} GiB")
+    for name, _ in new:   # issue 15's target: sara within 3 % and 1 GiB of sft
+        pair = {r["method"]: r for r in rows if r["name"] == name and "ms" in r}
+        if "sft" in pair and "sara" in pair:
+            print(f"sara vs sft, {name}: {pair['sara']['ms'] / pair['sft']['ms'] - 1:+.1%} time, "
+                  f"{(pair['sara']['peak_gib'] or 0) - (pair['sft']['peak_gib'] or 0):+.2f} GiB")
     auto = None
     if cuda:
         reset(dit)
@@ -219,14 +280,7 @@ def main(argv=None):
         print(f"sara.train.resolve_levers on this GPU: { {k: auto[k] for k in best} } ({'matches' if same else 'DIFFERS: update AUTO_CUDA / ACT_VALUES in nbs/train.ipynb'})")
         for w in auto["why"]: print("  " + w)
         print(f"AUTO_CUDA today: {AUTO_CUDA}")
-    if args.out:
-        out = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, params=n_params,
-                   config=cfg, frames=args.frames, height=args.height, width=args.width, batch=args.batch, tokens=n_tok,
-                   matmul_tflops=mm if cuda else None, rows=rows, skipped=skipped, chosen=best,
-                   resolve_levers=None if auto is None else {k: auto[k] for k in (*best, "why")},
-                   wall_s=time.perf_counter() - t_start)
-        tmp = Path(args.out + ".tmp"); tmp.write_text(json.dumps(out, indent=1, default=str)); os.replace(tmp, args.out)
-        print(f"wrote {args.out}")
+    write(best, auto, final=True)
     return rows
 
 

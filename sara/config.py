@@ -251,7 +251,7 @@ class RunConfig:
     targets_in_loop: bool = False  # ablation: recompute the VFM target in every step instead of reading the cache
     mixed_precision: str = "no" # accelerate mixed precision: no | bf16 | fp16
     weights_dtype: str = "float32"  # dtype of the trained weights: float32 | bfloat16 (pure bf16, one-GPU 5B full fine-tuning)
-    grad_checkpointing: str = "auto"  # off | full (every DiT block) | selective (matmul and attention outputs kept, the rest recomputed) | auto (off when it fits in GPU memory, else selective, else full; with regional compilation only off or full, as selective + inductor fails; off on the CPU)
+    grad_checkpointing: str = "auto"  # off | full (every DiT block) | selective (matmul and attention outputs kept, the rest recomputed) | blocks:K (the first K blocks fully, the others not) | auto (off when it fits in GPU memory, else the least recomputation that fits: blocks:K or selective, else full; no selective with regional compilation, as selective + inductor fails; off on the CPU)
     attention_backend: str = ""  # diffusers attention backend: "" (unchanged: native SDPA) | auto (the measured best on CUDA) | a name of diffusers AttentionBackendName: native, flash, _native_cudnn, ...
     compile: str = "auto"       # off | regional (torch.compile of each DiT block) | auto (regional on CUDA, off on the CPU)
     fused_adamw: bool = True    # fused AdamW kernel on CUDA (the CPU keeps torch's default implementation)
@@ -291,7 +291,9 @@ class RunConfig:
         choice("trd_impl", TRD_IMPLS); choice("device", DEVICES); choice("lam_schedule", LAM_SCHEDULES)
         choice("expert", EXPERTS); choice("loss_weighting", LOSS_WEIGHTINGS); choice("mixed_precision", MIXED_PRECISION)
         choice("weights_dtype", WEIGHTS_DTYPES); choice("task", TASKS)
-        choice("grad_checkpointing", GRAD_CHECKPOINTING); choice("compile", COMPILE_MODES)
+        if not (str(self.grad_checkpointing).startswith("blocks:") and self.grad_checkpointing[7:].isdigit()):   # blocks:K, K checked against the DiT in sara.train
+            choice("grad_checkpointing", (*GRAD_CHECKPOINTING, "blocks:K (K an integer >= 0: the first K DiT blocks checkpointed)"))
+        choice("compile", COMPILE_MODES)
         if self.attention_backend not in ("", "auto"):
             from diffusers.models.attention_dispatch import AttentionBackendName   # the names diffusers accepts
             choice("attention_backend", ("", "auto", *(b.value for b in AttentionBackendName)))

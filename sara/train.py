@@ -25,14 +25,15 @@ from .routing import budget_shares
 
 # %% auto #0
 __all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'AUTO_CUDA', 'ACT_VALUES', 'WORKSPACE_GIB', 'KEPT_FP32', 'AUTO_MIN_PARAMS',
-           'SAC_COMPILE', 'resolve_device', 'batch_order', 'data_parallel_part', 'lr_factor', 'lam_at', 'cache_params',
-           'check_cache_settings', 'cache_folder', 'load_targets', 'collate_targets', 'Trainee', 'Models', 'add_lora',
-           'empty_prompt_embeds', 'build_models', 'trainable_parameters', 'estimate_peak_gib', 'resolve_levers',
-           'step_tokens', 'fsdp_shards', 'selective_checkpoint', 'set_fp32_modules', 'enable_context_parallel',
-           'cp_gather', 'set_backend_of', 'apply_levers', 'make_adamw', 'step_losses', 'MetricsLog', 'read_metrics',
-           'truncate_metrics', 'full_state_dict', 'trained_weights', 'export_weights', 'load_checkpoint',
-           'check_run_dir', 'TrainState', 'resume_folder', 'checkpoint_budget', 'make_accelerator', 'train',
-           'run_validation', 'plot_losses', 'cli_args', 'train_cli', 'launch']
+           'RECOMPUTE', 'BLOCKS', 'SAC_COMPILE', 'resolve_device', 'batch_order', 'data_parallel_part', 'lr_factor',
+           'lam_at', 'cache_params', 'check_cache_settings', 'cache_folder', 'load_targets', 'collate_targets',
+           'Trainee', 'Models', 'add_lora', 'empty_prompt_embeds', 'build_models', 'trainable_parameters',
+           'checkpointed_blocks', 'act_values', 'recompute_cost', 'estimate_peak_gib', 'resolve_levers', 'step_tokens',
+           'fsdp_shards', 'selective_checkpoint', 'first_blocks_checkpoint', 'set_fp32_modules',
+           'enable_context_parallel', 'cp_gather', 'set_backend_of', 'apply_levers', 'make_adamw', 'step_losses',
+           'MetricsLog', 'read_metrics', 'truncate_metrics', 'full_state_dict', 'trained_weights', 'export_weights',
+           'load_checkpoint', 'check_run_dir', 'TrainState', 'resume_folder', 'checkpoint_budget', 'make_accelerator',
+           'train', 'run_validation', 'plot_losses', 'cli_args', 'train_cli', 'launch']
 
 # %% ../nbs/train.ipynb #9a5da4e7
 def resolve_device(
@@ -280,9 +281,38 @@ ACT_VALUES = dict(off=34.35, selective=14.54, full=0.82)  # bf16 values kept per
 WORKSPACE_GIB = 1.0       # the rest of a step's peak (allocator, kernels' workspace), part of the same fit
 KEPT_FP32 = "_keep_in_fp32_modules"
 AUTO_MIN_PARAMS = 1e9     # `auto` compiles and picks the attention kernel only for DiTs this large (tiny test models: off)
+RECOMPUTE = dict(off=0.0, selective=0.38, full=1.0)  # step time each mode adds over off, as a fraction of full's: (789.5 - 709.1) / (920.5 - 709.1) for selective; blocks:K adds K / blocks
+BLOCKS = "blocks:"        # grad_checkpointing="blocks:K": the first K blocks checkpointed in full, the others not
 SAC_COMPILE = ("grad_checkpointing", "selective", "off, full or auto when compile='regional': torch's selective activation "
                "checkpoint caches matmul outputs that the compiled (inductor) block writes into again ('Tensor cached during "
                "selective activation checkpoint has been mutated'); set compile='off' to keep selective")
+
+def checkpointed_blocks(
+    mode: str,              # a `grad_checkpointing` value
+    n_blocks: int,          # blocks of the DiT
+) -> int | None:            # K of "blocks:K" (0 <= K <= n_blocks); None for off, full, selective, auto
+    "K of `blocks:K`, checked against the DiT's blocks (`ConfigError` naming `grad_checkpointing` otherwise)."
+    if not (isinstance(mode, str) and mode.startswith(BLOCKS)): return None
+    k = mode[len(BLOCKS):]
+    if not k.isdigit() or int(k) > n_blocks:
+        raise ConfigError("grad_checkpointing", mode, f"blocks:K with K an integer in [0, {n_blocks}] (the DiT has {n_blocks} blocks)")
+    return int(k)
+
+def act_values(
+    mode: str,              # checkpointing: off | selective | full | blocks:K
+    layers: int,            # DiT blocks
+) -> float:                 # bf16 activation values kept per token and channel, summed over the blocks
+    "Activations one step keeps, per token and channel: `ACT_VALUES` per block, blocks:K mixing K full and the others off."
+    k = checkpointed_blocks(mode, layers)
+    return ACT_VALUES[mode] * layers if k is None else ACT_VALUES["full"] * k + ACT_VALUES["off"] * (layers - k)
+
+def recompute_cost(
+    mode: str,              # checkpointing: off | selective | full | blocks:K
+    layers: int,            # DiT blocks
+) -> float:                 # added step time, as a fraction of what full checkpointing adds over off
+    "How much recomputation a checkpointing mode costs (`RECOMPUTE`; blocks:K recomputes K of the blocks)."
+    k = checkpointed_blocks(mode, layers)
+    return RECOMPUTE[mode] if k is None else k / layers
 
 def estimate_peak_gib(
     n_params: int,          # parameters of the DiT
@@ -291,12 +321,12 @@ def estimate_peak_gib(
     tokens: int,            # DiT tokens of one step (batch x grid), on this GPU
     width: int,             # DiT hidden width
     layers: int,            # DiT blocks
-    mode: str,              # checkpointing: off | selective | full
+    mode: str,              # checkpointing: off | selective | full | blocks:K
     shards: int = 1,        # GPUs the weights and optimizer states are sharded over (FSDP)
 ) -> float:                 # GiB
     "Rough peak memory of one training step: weights, gradients and AdamW states, plus activations (`ACT_VALUES`) and a workspace."
     states = (n_params * weight_bytes + n_trainable * 3 * weight_bytes) / shards
-    acts = ACT_VALUES[mode] * tokens * width * 2 * layers           # bf16 values per token, channel and block
+    acts = act_values(mode, layers) * tokens * width * 2            # bf16 values per token and channel, all blocks
     return (states + acts) / 2**30 + WORKSPACE_GIB
 
 def resolve_levers(
@@ -336,14 +366,20 @@ def resolve_levers(
             wb = next(dit.parameters()).element_size()
             size = dict(n_params=n, n_trainable=nt, weight_bytes=wb, tokens=tokens, shards=shards,
                         width=dit.config.num_attention_heads * dit.config.attention_head_dim, layers=len(dit.blocks))
-            modes = ("off", "full") if out["compile"] == "regional" else ("off", "selective", "full")   # SAC_COMPILE
+            modes = ["off", *(f"{BLOCKS}{k}" for k in range(1, size["layers"])),
+                     *(["selective"] if out["compile"] != "regional" else []), "full"]   # SAC_COMPILE
             est = {m: estimate_peak_gib(mode=m, **size) for m in modes}
             fits = [m for m in modes if est[m] <= 0.9 * free_gib]
-            out["grad_checkpointing"] = fits[0] if fits else "full"
-            why.append(f"grad_checkpointing=auto -> {out['grad_checkpointing']}: estimated peak "
-                       + ", ".join(f"{m} {v:.1f} GiB" for m, v in est.items()) + f" against 90% of {free_gib:.1f} GiB free"
+            pick = min(fits, key=lambda m: (recompute_cost(m, size["layers"]), est[m])) if fits else "full"   # the least recomputation that fits
+            out["grad_checkpointing"] = pick
+            why.append(f"grad_checkpointing=auto -> {pick}"
+                       + (f" (the first {pick[len(BLOCKS):]} of {size['layers']} blocks checkpointed)" if pick.startswith(BLOCKS) else "")
+                       + ": estimated peak " + ", ".join(f"{m} {est[m]:.1f} GiB" for m in dict.fromkeys(("off", pick, "selective", "full")) if m in est)
+                       + f" against 90% of {free_gib:.1f} GiB free"
+                       + ("; the least recomputation that fits" if fits and pick != "off" else "")
                        + ("" if fits else " (none fits: full, the smallest)")
-                       + (" (selective skipped: it does not compose with compile='regional')" if len(modes) == 2 else ""))
+                       + (" (selective skipped: it does not compose with compile='regional')" if "selective" not in est else ""))
+    elif ck.startswith(BLOCKS): checkpointed_blocks(ck, len(dit.blocks))   # K within the DiT's blocks
     return dict(out, why=why)
 
 def step_tokens(
@@ -356,6 +392,7 @@ def step_tokens(
 def fsdp_shards() -> int:      # processes the weights are sharded over (1 without FSDP)
     "How many FSDP shards this process belongs to (accelerate launch sets ACCELERATE_USE_FSDP and WORLD_SIZE)."
     return int(os.environ.get("WORLD_SIZE", "1")) if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else 1
+
 
 
 # %% ../nbs/train.ipynb #565bfb94
@@ -377,6 +414,22 @@ def selective_checkpoint(
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
     return checkpoint(module.__call__, *args, use_reentrant=False,
                       context_fn=functools.partial(create_selective_checkpoint_contexts, _save_matmuls))
+
+def first_blocks_checkpoint(
+    dit: torch.nn.Module,       # the DiT (its `blocks`)
+    k: int,                     # how many blocks, from the first, are checkpointed
+):                              # diffusers' `gradient_checkpointing_func` for `blocks:K`
+    """Checkpoint the first `k` blocks in full (non-reentrant, as diffusers' default function) and call the others
+    directly. diffusers' forward hands every block to the model's `_gradient_checkpointing_func` once checkpointing is on
+    (transformer_wan.py, lines 697-701); the chosen blocks are marked (`_sara_checkpoint`), so the choice survives
+    in-place wrappers (regional compilation, FSDP2's `fully_shard`). The first blocks, not the last: backward reaches them
+    last, when the later blocks' activations are freed, so their recomputation adds nothing to the peak."""
+    from torch.utils.checkpoint import checkpoint
+    for i, b in enumerate(dit.blocks): b._sara_checkpoint = i < k
+    def blocks_checkpoint(module, *args):
+        if getattr(module, "_sara_checkpoint", False): return checkpoint(module.__call__, *args, use_reentrant=False)
+        return module(*args)
+    return blocks_checkpoint
 
 def set_fp32_modules(
     dit: torch.nn.Module,       # a diffusers model with `_keep_in_fp32_modules`
@@ -448,12 +501,14 @@ def apply_levers(
 ) -> dict:                      # the levers applied
     "Apply the levers to the DiT, in the order they compose: dtypes, attention, context parallelism, checkpointing, compilation."
     if levers["compile"] == "regional" and levers["grad_checkpointing"] == "selective": raise ConfigError(*SAC_COMPILE)
+    k = checkpointed_blocks(levers["grad_checkpointing"], len(dit.blocks))   # blocks:K out of range: refused before anything is applied
     set_fp32_modules(dit, levers["fp32_modules"])
     if levers["attention_backend"]: set_backend_of(dit, levers["attention_backend"])
     if context_parallel > 1: enable_context_parallel(dit, context_parallel)
     ck = levers["grad_checkpointing"]
     if ck == "full": dit.enable_gradient_checkpointing()
     elif ck == "selective": dit.enable_gradient_checkpointing(selective_checkpoint)
+    elif k: dit.enable_gradient_checkpointing(first_blocks_checkpoint(dit, k))   # blocks:K (blocks:0 is off)
     if levers["compile"] == "regional":   # diffusers' regional compilation where it has it, else each block alike
         if hasattr(dit, "compile_repeated_blocks"): dit.compile_repeated_blocks(backend=compile_backend)
         else:
@@ -469,6 +524,7 @@ def make_adamw(
 ) -> torch.optim.AdamW:
     "The run's AdamW, with torch's fused kernel when asked."
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **(dict(fused=True) if fused else {}))
+
 
 
 # %% ../nbs/train.ipynb #81419f60

@@ -39,6 +39,95 @@ def test_checkpointing_same_loss_and_gradients(plain, mode):
         torch.testing.assert_close(g, plain[2][n], rtol=1e-5, atol=1e-7, msg=f"{mode}: gradient of {n}")
 
 
+def count_checkpoints(monkeypatch) -> list:
+    "Count the calls of torch.utils.checkpoint.checkpoint (the blocks that a forward checkpoints)."
+    import torch.utils.checkpoint as tuc
+    calls, real = [], tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda fn, *a, **kw: calls.append(1) or real(fn, *a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_first_blocks_checkpointing_same_loss_and_gradients(plain, monkeypatch, k):
+    "blocks:K (the first K of the tiny DiT's 3 blocks checkpointed) gives the loss and gradients of off and of full."
+    calls = count_checkpoints(monkeypatch)
+    dit, loss, grads = step(dict(grad_checkpointing=f"blocks:{k}"))
+    assert len(calls) == k                                  # one forward: the first k blocks went through checkpoint
+    if k: assert [b._sara_checkpoint for b in dit.blocks] == [i < k for i in range(3)]
+    else: assert not dit.gradient_checkpointing             # blocks:0 is off
+    full = step(dict(grad_checkpointing="full"))
+    for ref in (plain, full):
+        assert torch.equal(loss, ref[1])
+        for n, g in grads.items(): torch.testing.assert_close(g, ref[2][n], rtol=1e-5, atol=1e-7, msg=f"blocks:{k}: gradient of {n}")
+
+
+@pytest.mark.parametrize("value", ["blocks:4", "blocks:99"])
+def test_blocks_out_of_range_are_refused(value):
+    "K above the DiT's blocks: ConfigError naming grad_checkpointing, from resolve_levers and apply_levers (nothing applied)."
+    dit = build_wan("tiny", seed=0).transformer
+    for dev in ("cpu", "cuda"):
+        with pytest.raises(ConfigError, match=f"RunConfig.grad_checkpointing = '{value}' .*blocks:K with K an integer in \\[0, 3\\]"):
+            resolve_levers(RunConfig(grad_checkpointing=value), torch.device(dev), dit, tokens=64, free_gib=80.0)
+    with pytest.raises(ConfigError, match="RunConfig.grad_checkpointing = .*the DiT has 3 blocks"):
+        apply_levers(dit, dict(OFF, grad_checkpointing=value, compile="regional"), compile_backend="eager", log=None)
+    assert not dit.gradient_checkpointing and all(getattr(b, "_compiled_call_impl", None) is None for b in dit.blocks)
+    assert resolve_levers(RunConfig(grad_checkpointing="blocks:3"), torch.device("cpu"), dit, tokens=64)["grad_checkpointing"] == "blocks:3"
+
+
+@pytest.mark.parametrize("value", ["blocks:", "blocks:-1", "blocks:two", "blocks: 2"])
+def test_malformed_blocks_are_refused_by_the_config(value):
+    with pytest.raises(ConfigError, match="RunConfig.grad_checkpointing = .*blocks:K \\(K an integer >= 0"):
+        RunConfig(grad_checkpointing=value).validate()
+    assert RunConfig(grad_checkpointing="blocks:2").validate().grad_checkpointing == "blocks:2"
+
+
+def test_first_blocks_checkpointing_with_inductor_regional_compilation(plain, monkeypatch):
+    """blocks:K composes with regional compilation (compile_repeated_blocks, inductor on the CPU, as the GPU runs it):
+    the checkpoint wraps the compiled block from outside; loss and gradients as the plain eager step."""
+    import shutil
+    if not shutil.which("g++") and not shutil.which("c++"): pytest.skip("inductor on the CPU needs a C++ compiler")
+    torch._dynamo.reset()
+    calls = count_checkpoints(monkeypatch)
+    try:
+        dit, loss, grads = step(dict(grad_checkpointing="blocks:2", compile="regional"), compile_backend="inductor")
+    finally: torch._dynamo.reset()
+    assert len(calls) == 2 and all(getattr(b, "_compiled_call_impl", None) is not None for b in dit.blocks)
+    torch.testing.assert_close(loss, plain[1], rtol=1e-5, atol=1e-6)
+    for n, g in grads.items(): torch.testing.assert_close(g, plain[2][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+class WanSized(torch.nn.Module):
+    "What resolve_levers reads of a DiT, at a Wan size: parameters (meta: no memory), config width, blocks."
+    def __init__(self, n_params: int, layers: int, heads: int = 24, head_dim: int = 128):
+        super().__init__()
+        from types import SimpleNamespace
+        self.config = SimpleNamespace(num_attention_heads=heads, attention_head_dim=head_dim)
+        self.blocks = torch.nn.ModuleList(torch.nn.Identity() for _ in range(layers))
+        self.w = torch.nn.Parameter(torch.empty(n_params, device="meta", dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("compile_mode", ["regional", "auto"])
+def test_auto_picks_the_smallest_k_that_fits_at_5b(monkeypatch, compile_mode):
+    """TI2V-5B on CUDA (30 blocks, width 3072, 5.0 B bf16 parameters, 480x832x81 = 8,190 tokens), the free memory from
+    a mocked torch.cuda.mem_get_info: 141 GiB (H200) -> off; 80 GiB (H100) -> blocks:K, the smallest K whose estimate
+    fits 90 % of it (K - 1 does not), with the compilation kept; 40 GiB -> full."""
+    from sara.train import estimate_peak_gib
+    dit = WanSized(4_999_787_712, 30)
+    size = dict(n_params=4_999_787_712, n_trainable=4_999_787_712, weight_bytes=2, tokens=8190, width=3072, layers=30)
+    picks = {}
+    for free in (141.0, 80.0, 40.0):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free: (int(f * 2**30), int(141 * 2**30)))
+        picks[free] = resolve_levers(RunConfig(compile=compile_mode), torch.device("cuda"), dit, tokens=8190)
+    assert picks[141.0]["grad_checkpointing"] == "off" and picks[40.0]["grad_checkpointing"] == "full"
+    k80 = picks[80.0]["grad_checkpointing"]
+    assert k80.startswith("blocks:") and picks[80.0]["compile"] == "regional", picks[80.0]
+    k = int(k80.split(":")[1])
+    assert 1 <= k < 30
+    assert estimate_peak_gib(mode=f"blocks:{k}", **size) <= 0.9 * 80 < estimate_peak_gib(mode=f"blocks:{k - 1}", **size)
+    assert k == 10                                          # (86.5 - 72) / 1.57 GiB per block, rounded up
+    assert f"-> blocks:10 (the first 10 of 30 blocks checkpointed)" in picks[80.0]["why"][0] and "80.0 GiB free" in picks[80.0]["why"][0]
+
+
 @pytest.mark.parametrize("backend", ["native", "_native_math"])
 def test_attention_backend_same_loss_and_gradients(plain, backend):
     _, loss, grads = step(dict(attention_backend=backend))
@@ -66,10 +155,13 @@ def test_selective_checkpointing_with_regional_compilation_is_refused():
     with pytest.raises(ConfigError, match="grad_checkpointing = 'selective' .*compile='regional'"):
         apply_levers(dit, dict(OFF, grad_checkpointing="selective", compile="regional"), compile_backend="eager", log=None)
     assert not dit.gradient_checkpointing and all(getattr(b, "_compiled_call_impl", None) is None for b in dit.blocks)  # nothing applied
-    # checkpointing `auto` under regional compilation: off when it fits, else full (selective would have fitted at 40 GiB)
+    # checkpointing `auto` under regional compilation: off when it fits, else blocks:K, else full (selective would have
+    # fitted at 40 GiB, and recomputes less than blocks:2 of 3)
     big = 10_000_000
     some = resolve_levers(RunConfig(compile="regional"), torch.device("cuda"), dit, tokens=big, free_gib=40.0)
-    assert some["grad_checkpointing"] == "full" and "selective skipped" in some["why"][0], some["why"]
+    assert some["grad_checkpointing"] == "blocks:2" and "selective skipped" in some["why"][0], some["why"]
+    tight = resolve_levers(RunConfig(compile="regional"), torch.device("cuda"), dit, tokens=big, free_gib=2.0)
+    assert tight["grad_checkpointing"] == "full" and "none fits" in tight["why"][0], tight["why"]
     fit = resolve_levers(RunConfig(compile="regional"), torch.device("cuda"), dit, tokens=1000, free_gib=80.0)
     assert (fit["grad_checkpointing"], fit["compile"]) == ("off", "regional")
 
@@ -167,10 +259,15 @@ def test_lever_bench_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
     out = tmp_path / "levers.json"
     bench.main(["--device", "cpu", "--dit", "small", "--layers", "2", "--frames", "9", "--height", "64", "--width", "64",
-                "--steps", "1", "--warmup", "1", "--rows", "checkpointing selective,attention _native_cudnn", "--out", str(out)])
+                "--steps", "1", "--warmup", "1", "--blocks", "1", "--max-warmup", "3", "--out", str(out),
+                "--rows", "checkpointing selective,attention _native_cudnn,compile regional + checkpointing off,compile regional + blocks:K"])
     res = json.loads(out.read_text())
     names = [(r["name"], r["method"]) for r in res["rows"]]
-    assert names == [(n, m) for n in ("today", "checkpointing selective", "best") for m in ("sft", "sara")], names
+    first = ("compile regional + checkpointing off", "compile regional + blocks:1")   # the new rows run first
+    assert names == [(n, m) for n in (*first, "today", "checkpointing selective", "best") for m in ("sft", "sara")], names
+    assert res["blocks_k"] == 1 and [r["levers"]["grad_checkpointing"] for r in res["rows"][:4]] == ["off", "off", "blocks:1", "blocks:1"]
+    for r in res["rows"]:   # warm-up: --warmup steps, compiled rows until two steps agree (at most --max-warmup), then 1 timed
+        assert (2 <= len(r["warm_s"]) + 1 <= 3) if r["levers"]["compile"] != "off" else len(r["warm_s"]) == 0, r
     assert all("ms" in r and r["fm"] == r["fm"] for r in res["rows"]), [r.get("error") for r in res["rows"]]
     sel = [r for r in res["rows"] if r["name"] == "checkpointing selective"]
     today = [r for r in res["rows"] if r["name"] == "today"]
