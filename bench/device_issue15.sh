@@ -25,6 +25,7 @@ OUT=${OUT:-/tmp/out15}; mkdir -p "$OUT"
 case $PART in single) D=380 ;; multi) D=570 ;; *) D=415 ;; esac
 T0=$(date +%s); LIMIT=${LIMIT:-$D}   # seconds this part may use (a call's limit is 600)
 if [ "${DRY:-0}" = 1 ]; then export PYTHONPATH=$PWD
+elif [ -n "${SKIP_INSTALL:-}" ]; then export PYTHONPATH=/tmp/site:$PWD   # installed already (another job on this machine imports from /tmp/site)
 else python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .h13/whl/*.whl || exit 1
      export PYTHONPATH=/tmp/site:$PWD; fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
