@@ -24,16 +24,16 @@ from .grids import GridMap, align_dit, align_target, target_frames
 from .routing import budget_shares
 
 # %% auto #0
-__all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'AUTO_CUDA', 'ACT_VALUES', 'WORKSPACE_GIB', 'KEPT_FP32', 'AUTO_MIN_PARAMS',
-           'RECOMPUTE', 'BLOCKS', 'SAC_COMPILE', 'resolve_device', 'batch_order', 'data_parallel_part', 'lr_factor',
-           'lam_at', 'cache_params', 'check_cache_settings', 'cache_folder', 'load_targets', 'collate_targets',
-           'Trainee', 'Models', 'add_lora', 'empty_prompt_embeds', 'build_models', 'trainable_parameters',
-           'checkpointed_blocks', 'act_values', 'recompute_cost', 'estimate_peak_gib', 'resolve_levers', 'step_tokens',
-           'fsdp_shards', 'selective_checkpoint', 'first_blocks_checkpoint', 'set_fp32_modules',
-           'enable_context_parallel', 'cp_gather', 'set_backend_of', 'apply_levers', 'make_adamw', 'step_losses',
-           'MetricsLog', 'read_metrics', 'truncate_metrics', 'full_state_dict', 'trained_weights', 'export_weights',
-           'load_checkpoint', 'check_run_dir', 'TrainState', 'resume_folder', 'checkpoint_budget', 'make_accelerator',
-           'train', 'run_validation', 'plot_losses', 'cli_args', 'train_cli', 'launch']
+__all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'AUTO_CUDA', 'ACT_VALUES', 'ACT_VALUES_COMPILED', 'WORKSPACE_GIB', 'KEPT_FP32',
+           'AUTO_MIN_PARAMS', 'RECOMPUTE', 'BLOCKS', 'SAC_COMPILE', 'resolve_device', 'batch_order',
+           'data_parallel_part', 'lr_factor', 'lam_at', 'cache_params', 'check_cache_settings', 'cache_folder',
+           'load_targets', 'collate_targets', 'Trainee', 'Models', 'add_lora', 'empty_prompt_embeds', 'build_models',
+           'trainable_parameters', 'checkpointed_blocks', 'act_values', 'recompute_cost', 'estimate_peak_gib',
+           'resolve_levers', 'step_tokens', 'fsdp_shards', 'selective_checkpoint', 'first_blocks_checkpoint',
+           'set_fp32_modules', 'enable_context_parallel', 'cp_gather', 'set_backend_of', 'apply_levers', 'make_adamw',
+           'step_losses', 'MetricsLog', 'read_metrics', 'truncate_metrics', 'full_state_dict', 'trained_weights',
+           'export_weights', 'load_checkpoint', 'check_run_dir', 'TrainState', 'resume_folder', 'checkpoint_budget',
+           'make_accelerator', 'train', 'run_validation', 'plot_losses', 'cli_args', 'train_cli', 'launch']
 
 # %% ../nbs/train.ipynb #9a5da4e7
 def resolve_device(
@@ -275,9 +275,12 @@ def trainable_parameters(models: Models) -> list:  # the parameters the optimise
 # bench/device_2026-11-30/levers.json): today (full checkpointing, fused AdamW) 920.5 / 935.5 ms, 39.4 GiB; regional
 # compilation with full checkpointing 783.3 / 706.5 ms, 40.2 GiB; checkpointing off 709.1 / 736.4 ms, 86.5 GiB; selective
 # 789.5 / 797.4 ms, 58.7 GiB; attention _native_cudnn / _native_flash / _native_efficient slower than the default (946 /
-# 994 / 1462 ms sft); flash and _flash_3 not installed there.
+# 994 / 1462 ms sft); flash and _flash_3 not installed there. Second session (bench/device_2026-11-30b/levers.json):
+# compile regional + checkpointing off 602.0 / 609.8 ms, 75.19 / 75.37 GiB; compile regional + blocks:10 660.7 / 667.4 ms,
+# 63.22 / 63.39 GiB; today 819.9 / 841.1 ms (the same code path as 920.5 above, on a host shared with other jobs).
 AUTO_CUDA = dict(attention_backend="", compile="regional")   # the fastest measured attention (diffusers' default) and regional compilation
 ACT_VALUES = dict(off=34.35, selective=14.54, full=0.82)  # bf16 values kept per token, layer and channel, fitted to the measured 5B peaks (86.5, 58.7, 39.4 GiB)
+ACT_VALUES_COMPILED = dict(off=26.18, full=1.32)  # the same under regional compilation (inductor keeps less), least squares over the measured 5B peaks compile+off 75.19, compile+blocks:10 63.22, compile+full 40.17 GiB
 WORKSPACE_GIB = 1.0       # the rest of a step's peak (allocator, kernels' workspace), part of the same fit
 KEPT_FP32 = "_keep_in_fp32_modules"
 AUTO_MIN_PARAMS = 1e9     # `auto` compiles and picks the attention kernel only for DiTs this large (tiny test models: off)
@@ -301,10 +304,12 @@ def checkpointed_blocks(
 def act_values(
     mode: str,              # checkpointing: off | selective | full | blocks:K
     layers: int,            # DiT blocks
+    compiled: bool = False, # blocks compiled regionally (inductor): `ACT_VALUES_COMPILED`, which has no selective (SAC_COMPILE)
 ) -> float:                 # bf16 activation values kept per token and channel, summed over the blocks
-    "Activations one step keeps, per token and channel: `ACT_VALUES` per block, blocks:K mixing K full and the others off."
-    k = checkpointed_blocks(mode, layers)
-    return ACT_VALUES[mode] * layers if k is None else ACT_VALUES["full"] * k + ACT_VALUES["off"] * (layers - k)
+    "Activations one step keeps, per token and channel: `ACT_VALUES` (or `ACT_VALUES_COMPILED`) per block, blocks:K mixing K full and the others off."
+    k, per = checkpointed_blocks(mode, layers), ACT_VALUES_COMPILED if compiled else ACT_VALUES
+    if mode not in per and k is None: raise ConfigError(*SAC_COMPILE)
+    return per[mode] * layers if k is None else per["full"] * k + per["off"] * (layers - k)
 
 def recompute_cost(
     mode: str,              # checkpointing: off | selective | full | blocks:K
@@ -323,10 +328,11 @@ def estimate_peak_gib(
     layers: int,            # DiT blocks
     mode: str,              # checkpointing: off | selective | full | blocks:K
     shards: int = 1,        # GPUs the weights and optimizer states are sharded over (FSDP)
+    compiled: bool = False, # blocks compiled regionally (compile='regional'): the activations of `ACT_VALUES_COMPILED`
 ) -> float:                 # GiB
-    "Rough peak memory of one training step: weights, gradients and AdamW states, plus activations (`ACT_VALUES`) and a workspace."
+    "Rough peak memory of one training step: weights, gradients and AdamW states, plus activations (`ACT_VALUES`, compiled: `ACT_VALUES_COMPILED`) and a workspace."
     states = (n_params * weight_bytes + n_trainable * 3 * weight_bytes) / shards
-    acts = act_values(mode, layers) * tokens * width * 2            # bf16 values per token and channel, all blocks
+    acts = act_values(mode, layers, compiled) * tokens * width * 2  # bf16 values per token and channel, all blocks
     return (states + acts) / 2**30 + WORKSPACE_GIB
 
 def resolve_levers(
@@ -364,17 +370,18 @@ def resolve_levers(
                 free_gib = (torch.cuda.mem_get_info(device)[0] + held) / 2**30
             n = sum(p.numel() for p in dit.parameters()); nt = sum(p.numel() for p in dit.parameters() if p.requires_grad)
             wb = next(dit.parameters()).element_size()
-            size = dict(n_params=n, n_trainable=nt, weight_bytes=wb, tokens=tokens, shards=shards,
+            compiled = out["compile"] == "regional"   # inductor keeps less: the compiled fit (ACT_VALUES_COMPILED)
+            size = dict(n_params=n, n_trainable=nt, weight_bytes=wb, tokens=tokens, shards=shards, compiled=compiled,
                         width=dit.config.num_attention_heads * dit.config.attention_head_dim, layers=len(dit.blocks))
             modes = ["off", *(f"{BLOCKS}{k}" for k in range(1, size["layers"])),
-                     *(["selective"] if out["compile"] != "regional" else []), "full"]   # SAC_COMPILE
+                     *(["selective"] if not compiled else []), "full"]   # SAC_COMPILE
             est = {m: estimate_peak_gib(mode=m, **size) for m in modes}
             fits = [m for m in modes if est[m] <= 0.9 * free_gib]
             pick = min(fits, key=lambda m: (recompute_cost(m, size["layers"]), est[m])) if fits else "full"   # the least recomputation that fits
             out["grad_checkpointing"] = pick
             why.append(f"grad_checkpointing=auto -> {pick}"
                        + (f" (the first {pick[len(BLOCKS):]} of {size['layers']} blocks checkpointed)" if pick.startswith(BLOCKS) else "")
-                       + ": estimated peak " + ", ".join(f"{m} {est[m]:.1f} GiB" for m in dict.fromkeys(("off", pick, "selective", "full")) if m in est)
+                       + f": estimated peak{' (regional compilation)' if compiled else ''} " + ", ".join(f"{m} {est[m]:.1f} GiB" for m in dict.fromkeys(("off", pick, "selective", "full")) if m in est)
                        + f" against 90% of {free_gib:.1f} GiB free"
                        + ("; the least recomputation that fits" if fits and pick != "off" else "")
                        + ("" if fits else " (none fits: full, the smallest)")
@@ -392,6 +399,7 @@ def step_tokens(
 def fsdp_shards() -> int:      # processes the weights are sharded over (1 without FSDP)
     "How many FSDP shards this process belongs to (accelerate launch sets ACCELERATE_USE_FSDP and WORLD_SIZE)."
     return int(os.environ.get("WORLD_SIZE", "1")) if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else 1
+
 
 
 
