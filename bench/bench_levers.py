@@ -2,7 +2,7 @@
 
 One run measures the sft and sara steps (`sara.train.step_losses` + backward + AdamW, random weights, bf16 weights as
 `bench_train_step.py`) for today's GPU step (checkpointing every block, diffusers' default attention, no compilation,
-fused AdamW, every module in bf16), for each lever alone, and for the best combination of the single-lever rows; it
+fused AdamW, every module in bf16), for each lever alone, and for the best combination of the measured rows; it
 prints the table (median step time, tokens/s, MFU against 989 TFLOP/s and against a bf16 matmul measured in the same
 run, peak memory), the chosen default, and what `sara.train.resolve_levers` would pick on this GPU; writes JSON.
 
@@ -13,7 +13,8 @@ run, peak memory), the chosen default, and what `sara.train.resolve_levers` woul
 Rows run in this order, so that a short budget keeps the new ones: compile regional + checkpointing off, compile
 regional + `blocks:K` (the first K blocks checkpointed; K is what `sara.train.resolve_levers` picks for a GPU with
 `--mem-gib` free, 80 by default: an H100), with `--native` the GPU default that `resolve_levers` picks on this GPU at
-704x1280x121, then today's step, each lever alone, and the best combination of those.
+704x1280x121, then today's step, each lever alone, and the best combination of all of them (`combine`: the fastest
+measured row under 80 GiB, completed by the single levers it leaves as today's).
 
 The lever rows keep one DiT and reset it between rows (checkpointing off, default attention, blocks uncompiled, the
 float32 modules cast back). A compiled row keeps warming up (after `--warmup` steps, up to `--max-warmup`) until two
@@ -58,24 +59,32 @@ def reset(dit):
     for b in dit.blocks: b._compiled_call_impl = None
 
 
+def composes(levers: dict) -> bool:
+    "False for selective checkpointing with compilation (torch's selective checkpoint caches matmul outputs that the compiled block overwrites; `sara.train.apply_levers` refuses the pair)."
+    return not (levers["grad_checkpointing"] == "selective" and levers["compile"] != "off")
+
+
 def combine(rows: list, base: str = "today") -> dict:
-    """The best combination of the single-lever sft rows: per lever the fastest setting whose row fits MEM_LIMIT_GIB;
-    selective checkpointing and compilation do not compose (torch's selective checkpoint caches matmul outputs that the
-    compiled block overwrites; `sara.train.apply_levers` refuses the pair): the faster of their two rows is kept."""
-    ok = {r["name"]: r for r in rows if r["method"] == "sft" and r.get("ms")}
+    """The GPU default the table supports, from its sft rows at the table's size (rows of another size, "@", and earlier
+    "best" rows left out) that peak <= MEM_LIMIT_GIB. First the fastest such measured row, whatever levers it changes
+    (compile regional + checkpointing off is one row): a measured combination beats an unmeasured one. Then each lever
+    that row leaves as today's takes the fastest single-lever setting (one lever changed from today, faster than today
+    and fitting) if it composes with the rest (`composes`). fp32 modules (diffusers' convention): on unless their row
+    costs more than 3 % over today's, and on when the row is missing (not measured: the convention, as `RunConfig`)."""
+    ok = {r["name"]: r for r in rows if r["method"] == "sft" and r.get("ms") and "@" not in r["name"]
+          and not r["name"].startswith("best")}
     if base not in ok: return dict(TODAY)
-    best = dict(TODAY)
+    fits = [r for r in ok.values() if (r["peak_gib"] or 0) <= MEM_LIMIT_GIB and composes(r["levers"])]
+    top = min(fits, key=lambda r: r["ms"])          # today's row at worst
+    best = {k: top["levers"][k] for k in TODAY}
+    single = [r for r in fits if sum(r["levers"][k] != TODAY[k] for k in TODAY) == 1]
     for lever in ("grad_checkpointing", "attention_backend", "compile", "fused_adamw"):
-        cands = [(ok[base]["ms"], TODAY[lever])] + [(r["ms"], r["levers"][lever]) for n, r in ok.items()
-                 if r["levers"][lever] != TODAY[lever] and sum(r["levers"][k] != TODAY[k] for k in TODAY) == 1
-                 and (r["peak_gib"] or 0) <= MEM_LIMIT_GIB]
-        best[lever] = min(cands, key=lambda c: c[0])[1]
-    fp = ok.get("fp32 modules")   # correctness lever (diffusers' convention): on unless it costs more than 3 %
-    best["fp32_modules"] = bool(fp and fp["ms"] <= 1.03 * ok[base]["ms"])
-    if best["grad_checkpointing"] == "selective" and best["compile"] != "off":   # refused by sara.train (SAC_COMPILE)
-        sel, comp = ok.get("checkpointing selective"), ok.get("compile " + best["compile"])
-        if sel and comp and sel["ms"] < comp["ms"]: best["compile"] = "off"      # keep the faster of the two measured rows
-        else: best["grad_checkpointing"] = TODAY["grad_checkpointing"]
+        if best[lever] != TODAY[lever]: continue    # set by the measured row
+        cands = [(ok[base]["ms"], TODAY[lever])] + [(r["ms"], r["levers"][lever]) for r in single if r["levers"][lever] != TODAY[lever]]
+        value = min(cands, key=lambda c: c[0])[1]
+        if composes(dict(best, **{lever: value})): best[lever] = value
+    fp = ok.get("fp32 modules")
+    best["fp32_modules"] = bool(fp is None or fp["ms"] <= 1.03 * ok[base]["ms"])
     return best
 
 
@@ -277,7 +286,7 @@ def main(argv=None):
         reset(dit)
         auto = resolve_levers(RunConfig(), dev, dit, tokens=args.batch * n_tok)
         same = {k: auto[k] for k in best} == best
-        print(f"sara.train.resolve_levers on this GPU: { {k: auto[k] for k in best} } ({'matches' if same else 'DIFFERS: update AUTO_CUDA / ACT_VALUES in nbs/train.ipynb'})")
+        print(f"sara.train.resolve_levers on this GPU: { {k: auto[k] for k in best} } ({'matches' if same else 'DIFFERS: update AUTO_CUDA / ACT_VALUES(_COMPILED) in nbs/train.ipynb'})")
         for w in auto["why"]: print("  " + w)
         print(f"AUTO_CUDA today: {AUTO_CUDA}")
     write(best, auto, final=True)

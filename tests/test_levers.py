@@ -284,10 +284,8 @@ def test_context_parallel_needs_the_processes():
 
 def test_lever_bench_smoke(tmp_path):
     "bench/bench_levers.py at smoke size on the CPU: rows, the combination and the JSON (CUDA-only backends are skipped)."
-    import importlib.util, json
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("bench_levers", Path(__file__).parents[1] / "bench" / "bench_levers.py")
-    bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+    import json
+    bench = load_bench("bench_levers")
     out = tmp_path / "levers.json"
     bench.main(["--device", "cpu", "--dit", "small", "--layers", "2", "--frames", "9", "--height", "64", "--width", "64",
                 "--steps", "1", "--warmup", "1", "--blocks", "1", "--max-warmup", "3", "--out", str(out),
@@ -309,16 +307,49 @@ def test_lever_bench_smoke(tmp_path):
 
 def test_best_combination_of_the_measured_table():
     "The H200 table of 2026-11-30 (bench/device_2026-11-30/levers.json): the combination is never selective + compile."
-    import importlib.util, json
+    import json
     from pathlib import Path
     root = Path(__file__).parents[1]
-    spec = importlib.util.spec_from_file_location("bench_levers", root / "bench" / "bench_levers.py")
-    bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+    bench = load_bench("bench_levers")
     rows = json.loads((root / "bench" / "device_2026-11-30" / "levers.json").read_text())["rows"]
     assert bench.combine(rows) == dict(grad_checkpointing="full", attention_backend="", compile="regional",
                                        fused_adamw=True, fp32_modules=True)   # compile (783.3 ms) beat selective (789.5 ms)
     sel = [dict(r, ms=700.0) if r["name"] == "checkpointing selective" else r for r in rows]   # had selective been faster
     assert bench.combine(sel)["grad_checkpointing"] == "selective" and bench.combine(sel)["compile"] == "off"
+
+
+def test_chosen_default_of_the_second_table_is_what_resolve_levers_picks(monkeypatch):
+    """The H200 rows of the second session (bench/device_2026-11-30b/levers.json: compile regional + checkpointing off
+    602.0 ms at 75.19 GiB, compile + blocks:10, today; the single-lever rows were cut by the budget): the chosen default
+    is the measured compile + off row (fp32 modules on: their row is missing, so diffusers' convention), and it is what
+    `resolve_levers` picks for TI2V-5B on that GPU (138.6 GiB free, as the run printed). The bench printed full
+    checkpointing without compilation and "DIFFERS" before `combine` took rows that change several levers."""
+    import json
+    from pathlib import Path
+    root = Path(__file__).parents[1]
+    bench = load_bench("bench_levers")
+    rows = json.loads((root / "bench" / "device_2026-11-30b" / "levers.json").read_text())["rows"]
+    chosen = bench.combine(rows)
+    assert chosen == dict(grad_checkpointing="off", attention_backend="", compile="regional", fused_adamw=True, fp32_modules=True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(138.6 * 2**30), int(141 * 2**30)))
+    auto = resolve_levers(RunConfig(), torch.device("cuda"), WanSized(4_999_787_712, 30), tokens=8190)
+    assert {k: auto[k] for k in chosen} == chosen, auto   # the bench's "matches"
+    # the 80 GiB cap of the table: had compile + off peaked above it, the blocks:10 row (63.22 GiB) would be chosen
+    over = [dict(r, peak_gib=81.0) if r["name"] == "compile regional + checkpointing off" else r for r in rows]
+    assert bench.combine(over)["grad_checkpointing"] == "blocks:10" and bench.combine(over)["compile"] == "regional"
+    # and with the fp32 modules row measured slower than 3 % over today, they are off
+    slow = rows + [dict(r, name="fp32 modules", ms=r["ms"] * 1.05, levers=dict(r["levers"], fp32_modules=True))
+                   for r in rows if r["name"] == "today" and r["method"] == "sft"]
+    assert bench.combine(slow)["fp32_modules"] is False
+
+
+def load_bench(name: str):
+    "A bench script of bench/ as a module."
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
 
 
 def torchrun(n: int, *args: str, timeout: int = 300) -> str:
