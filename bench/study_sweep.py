@@ -58,8 +58,11 @@ def launch(root: Path, kind: str, name: str, fields: dict, carry: str, gpu: str,
 
 
 def margin(probe: dict) -> float:  # the encoder's rule: worse of (shape, motion) margins over random weights
+    """Part 3 and 4's rule used the per-token motion probe; from part 5 on, where the probe has it, `motion_pair` (a
+    token and its successor in time: the relation that TRD aligns; per-token motion was near chance for every encoder,
+    trained or random, bench/README.md part 4) stands for motion."""
     t, r = probe["trained"], probe["random"]
-    m = [t[k] - r[k] for k in ("shape", "motion")]
+    m = [t[k] - r[k] for k in ("shape", "motion_pair" if "motion_pair" in t else "motion")]
     return float("-inf") if any(x != x for x in m) else min(m)   # a probe without test tokens (nan) never wins
 
 
@@ -114,8 +117,9 @@ def main(argv=None):
         elif r["kind"] == "vae": txt = f"PSNR {res['psnr_heldout']:.2f} dB (worst {res['psnr_min']:.2f}), {res['params'] / 1e6:.2f} M params"
         else:
             pr = res["probe"]
-            txt = ("trained " + " / ".join(f"{pr['trained'][k]:.3f}" for k in ("colour", "shape", "motion")) +
-                   ", random " + " / ".join(f"{pr['random'][k]:.3f}" for k in ("colour", "shape", "motion")) +
+            ks = [k for k in ("colour", "shape", "motion", "motion_pair") if k in pr["trained"]]
+            txt = (f"{' / '.join(ks)}: trained " + " / ".join(f"{pr['trained'][k]:.3f}" for k in ks) +
+                   ", random " + " / ".join(f"{pr['random'][k]:.3f}" for k in ks) +
                    f", margin {r['margin']:+.3f}, loss {res['first_loss']:.3f} -> {res['final_loss']:.3f}")
         print(f"| {r['kind']} {r['recipe']} | {r['wall_s']} | {txt} |")
     print("chosen:", out["vae"], out["encoder"], " ".join(out["set"]))
