@@ -28,15 +28,17 @@ import torch.nn.functional as F
 
 
 # %% auto #0
-__all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'METRICS', 'STAGE_FNS', 'StudySize',
-           'get_size', 'write_json', 'stage_result', 'need', 'run_stage', 'world_seeds', 'train_frames', 'world_scenes',
-           'scene_prompts', 'stage_world', 'TextTable', 'make_text_table', 'stage_text', 'vae_config', 'psnr',
-           'reconstruct', 'stage_vae', 'encoder_config', 'tube_mask', 'jepa_loss', 'pretrain_encoder', 'stage_encoder',
-           'token_labels', 'linear_probe', 'probe_encoders', 'random_encoder', 'probe_encoder', 'probe_recipe',
-           'dit_config', 'stage_wan', 'cache_params', 'stage_cache', 'stage_stage1', 'run_params', 'run_finished',
-           'gpu_slots', 'visible_gpu', 'write_viz', 'stage_train', 'load_study_run', 'stage_sample', 'clip_features',
-           'stage_score', 'viz_inputs', 'study_table', 'table_markdown', 'loss_curves', 'sample_grid', 'report_figures',
-           'stage_report', 'run_study', 'pack_results', 'unpack_results', 'like_size', 'study_cli']
+__all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'TRAIN_STATE', 'WORLD_FIELDS', 'IMAGENET_MEAN', 'IMAGENET_STD',
+           'METRICS', 'STAGE_FNS', 'StudySize', 'get_size', 'write_json', 'stage_result', 'need', 'run_stage',
+           'world_seeds', 'train_frames', 'world_scenes', 'scene_prompts', 'stage_world', 'TextTable',
+           'make_text_table', 'stage_text', 'vae_config', 'psnr', 'reconstruct', 'StagePaused', 'train_recipe',
+           'Resumable', 'finish_state', 'train_vae', 'stage_vae', 'encoder_config', 'tube_mask', 'jepa_loss',
+           'pretrain_encoder', 'stage_encoder', 'token_labels', 'linear_probe', 'probe_encoders', 'pairs_in_time',
+           'probe_tokens', 'random_encoder', 'probe_encoder', 'probe_recipe', 'dit_config', 'stage_wan', 'cache_params',
+           'stage_cache', 'stage_stage1', 'run_params', 'run_finished', 'gpu_slots', 'visible_gpu', 'write_viz',
+           'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score', 'viz_inputs', 'study_table',
+           'table_markdown', 'loss_curves', 'sample_grid', 'report_figures', 'stage_report', 'run_study',
+           'pack_results', 'unpack_results', 'like_size', 'study_cli']
 
 # %% ../nbs/study.ipynb #dc2a3666
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class StudySize:
     methods: tuple = ("sft", "videorepa", "moalign", "sara", "sara_and", "sara_xor", "sara_oracle")
     seeds: tuple = (0, 1, 2)     # Stage 2 seeds (data order, noise, projector init)
     workers: int = 4             # concurrent Stage 2 / sampling processes in all, spread over the GPUs, each with its share of the CPU threads (11 at 16 threads each ran at 1.2-1.5 s/step on one H200)
+    budget_s: float = 0.0        # run knob: seconds the vae and encoder training loops may run in one process before they save their state (<stage>/train_state.pt) and pause; the next run resumes (0: no limit)
     sample_steps: int = 16       # denoising steps
     eval_seeds: tuple = (0,)     # noise seeds per prompt (shared by every method)
     guidance: float = 1.0        # classifier-free guidance of sampling (1: off; the DiT is trained without caption dropout)
@@ -156,7 +159,7 @@ def need(root: str | Path, *names: str) -> list[dict]:  # their done.json record
         out.append(r)
     return out
 
-RUN_KNOBS = ("workers",)  # StudySize fields that change how a stage runs, not what it computes
+RUN_KNOBS = ("workers", "budget_s")  # StudySize fields that change how a stage runs, not what it computes
 
 def run_stage(
     root: str | Path,   # the study folder (one sub-folder per stage)
@@ -372,23 +375,110 @@ def reconstruct(vae, frames: torch.Tensor, dev) -> torch.Tensor:  # uint8 (B, T,
     rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
     return ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 1, 3, 4).cpu()
 
-def stage_vae(root: Path, s: StudySize, d: Path) -> dict:
-    "Train the small AutoencoderKLWan on the in-memory world; save it (diffusers folder, fp16) with measured latent statistics."
+
+
+# %% ../nbs/study.ipynb #5b294794
+TRAIN_STATE = "train_state.pt"   # a paused training loop's state, in its stage's folder (the stage's cleaning keeps it)
+WORLD_FIELDS = ("size", "n_frames", "toy_radius", "world_clips", "seed")   # what the in-memory training clips depend on
+_clock = time.monotonic          # the clock of the training budgets (a test replaces it to pause at a chosen step)
+
+class StagePaused(RuntimeError):
+    "A training loop spent `StudySize.budget_s`: its state is saved in its stage folder, and the stage's next run resumes from it."
+
+def train_recipe(
+    s: StudySize,   # the study size
+    prefix: str,    # the loop's own fields, e.g. "vae_"
+    *more: str,     # other fields it depends on, e.g. "kl_weight"
+) -> dict:          # {field: JSON value}
+    "The StudySize fields a training loop's result depends on: the world's, its own and `more` (never a run knob)."
+    d = json.loads(json.dumps(asdict(s)))
+    return {k: v for k, v in d.items() if (k in WORLD_FIELDS or k.startswith(prefix) or k in more) and k not in RUN_KNOBS}
+
+class Resumable:
+    """A training loop that pauses when its time budget is spent and resumes in another process or on another machine.
+    Its state (each part's `state_dict`, the step, the history, the loop's CPU generator, torch's CPU and CUDA RNG
+    states) is written atomically to `path`; a run that finds the file resumes from it and refuses one saved for
+    another recipe. The state is also written when the loop ends, so a run killed after it does not train again."""
+    def __init__(
+        self,
+        path: Path | None,      # the state file (None: never pause, never resume)
+        recipe: dict,           # what a saved state must match (`train_recipe`)
+        parts: dict,            # name -> model, optimiser, scheduler, EMA target (anything with state_dict / load_state_dict)
+        g: torch.Generator,     # the loop's CPU generator (batches, windows, masks)
+        steps: int,             # the loop's length
+        budget_s: float = 0.0,  # seconds this run of the loop may take before it pauses (0: no limit)
+    ):
+        self.path, self.parts, self.g, self.steps, self.budget = (Path(path) if path else None), parts, g, steps, budget_s
+        self.recipe = dict(recipe, steps=steps)
+        self.pauses, self.loop_s, self.t0 = [], [], _clock()
+
+    def start(self) -> tuple:  # (first step, history so far): (0, []) without a saved state
+        "Load a saved state into the parts, the generator and torch's RNGs; ValueError naming the file and the field when it was saved for another recipe."
+        self.t0 = _clock()
+        if self.path is None or not self.path.is_file(): return 0, []
+        st = torch.load(self.path, map_location="cpu", weights_only=True)
+        old = st.get("recipe", {})
+        for k in sorted(set(old) | set(self.recipe)):
+            if old.get(k) != self.recipe.get(k):
+                raise ValueError(f"{self.path}: saved by a run with {k}={old.get(k)!r}, this run has {k}={self.recipe.get(k)!r}; "
+                                 "run with the size that saved it, or delete the file to train from the start")
+        for k, p in self.parts.items(): p.load_state_dict(st["parts"][k])
+        self.g.set_state(st["generator"]); torch.set_rng_state(st["cpu_rng"])
+        if st["cuda_rng"] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state(st["cuda_rng"])
+        self.pauses, self.loop_s = st["pauses"], st["loop_s"]
+        if st["step"] < self.steps: print(f"[study] {self.path.parent.name}: resuming at step {st['step']} of {self.steps} from {self.path}")
+        self.t0 = _clock()
+        return st["step"], st["hist"]
+
+    def _save(self, done: int, hist: list):
+        st = dict(recipe=self.recipe, step=done, hist=hist, pauses=self.pauses, loop_s=self.loop_s + [round(_clock() - self.t0, 2)],
+                  parts={k: p.state_dict() for k, p in self.parts.items()}, generator=self.g.get_state(), cpu_rng=torch.get_rng_state(),
+                  cuda_rng=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        torch.save(st, tmp); os.replace(tmp, self.path)
+
+    def tick(
+        self,
+        done: int,   # steps finished
+        hist: list,  # the history so far
+    ):
+        "After a step: at the end of the loop save the state; when the budget is spent and steps remain, save it and raise StagePaused."
+        if self.path is None: return
+        if done >= self.steps: return self._save(done, hist)
+        if not self.budget or _clock() - self.t0 < self.budget: return
+        self.pauses = self.pauses + [done]; self._save(done, hist)
+        d = self.path.parent
+        raise StagePaused(f"{d.name}: paused at step {done} of {self.steps} (budget {self.budget:g} s), state saved in {self.path}; "
+                          f"run the stage again to resume: sara-study --stage {d.name} --root {d.parent}")
+
+def finish_state(path: Path) -> dict:  # {pauses: [step], loop_s: [seconds of each run of the loop]}
+    "What a finished loop's state recorded about its runs; the file is removed (the stage's artifacts hold the result)."
+    if not path.is_file(): return dict(pauses=[], loop_s=[])
+    st = torch.load(path, map_location="cpu", weights_only=True)
+    path.unlink()
+    return dict(pauses=st["pauses"], loop_s=st["loop_s"])
+
+
+# %% ../nbs/study.ipynb #98d02040
+def train_vae(
+    s: StudySize,               # vae_* fields, kl_weight, n_frames, seed, budget_s
+    frames: torch.Tensor,       # uint8 (N, n_frames, 3, H, W) training clips
+    dev,                        # device
+    state: Path | None = None,  # the loop's state file (`Resumable`: pause after `s.budget_s`, resume from it); None: neither
+) -> tuple:                     # (AutoencoderKLWan, float32, in training mode; [{step, mse, kl}])
+    "Train the small AutoencoderKLWan on `frames`: MSE + 0.1 L1 + a small KL, AdamW with cosine decay, bf16 autocast on GPU."
     from diffusers import AutoencoderKLWan
-    from safetensors.torch import load_file
-    _clean(d); need(root, "world")
-    dev = _device()
-    frames = train_frames(s, s.world_clips)                                          # N, T, 3, H, W uint8
-    if dev.type == "cuda": frames = frames.pin_memory()
     torch.manual_seed(s.seed)
     torch.backends.cudnn.benchmark = True   # fixed shapes: let cuDNN pick its 3D convolution algorithms
     vae = AutoencoderKLWan(**vae_config(s)).to(dev).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: _cosine(k, s.vae_steps))
-    g, hist = torch.Generator().manual_seed(s.seed), []
-    for step in range(s.vae_steps):
+    g = torch.Generator().manual_seed(s.seed)
+    run = Resumable(state, train_recipe(s, "vae_", "kl_weight"), dict(model=vae, opt=opt, sch=sch), g, s.vae_steps, s.budget_s)
+    first, hist = run.start()
+    Tv = s.vae_frames or s.n_frames
+    for step in range(first, s.vae_steps):
         idx = torch.randint(0, len(frames), (s.vae_batch,), generator=g)
-        Tv = s.vae_frames or s.n_frames
         off = int(torch.randint(0, s.n_frames - Tv + 1, (1,), generator=g)) if Tv < s.n_frames else 0
         x = _to_unit(frames[idx][:, off:off + Tv], dev)                                     # B, 3, Tv, H, W
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -399,6 +489,19 @@ def stage_vae(root: Path, s: StudySize, d: Path) -> dict:
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0); opt.step(); sch.step()
         if step % 50 == 0 or step == s.vae_steps - 1: hist.append(dict(step=step, mse=mse.item(), kl=kl.item()))
+        run.tick(step + 1, hist)
+    return vae, hist
+
+def stage_vae(root: Path, s: StudySize, d: Path) -> dict:
+    """Train the small AutoencoderKLWan on the in-memory world (resuming a paused run's `train_state.pt`); save it
+    (diffusers folder, fp16) with measured latent statistics; held-out PSNR."""
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import load_file
+    _clean(d, keep=("done.json", TRAIN_STATE)); need(root, "world")
+    dev = _device()
+    frames = train_frames(s, s.world_clips)                                          # N, T, 3, H, W uint8
+    if dev.type == "cuda": frames = frames.pin_memory()
+    vae, hist = train_vae(s, frames, dev, d / TRAIN_STATE)
     vae.eval()
     with torch.no_grad():   # latent statistics on training clips (posterior mode), per channel
         z = torch.cat([vae.encode(_to_unit(frames[i:i + 8], dev)).latent_dist.mode().float().cpu()
@@ -415,7 +518,7 @@ def stage_vae(root: Path, s: StudySize, d: Path) -> dict:
     write_json(d / "history.json", hist)
     return dict(psnr_heldout=float(np.mean(per)), psnr_min=float(np.min(per)), n_heldout=len(per),
                 params=sum(p.numel() for p in vae.parameters()), latents_mean=vae.config.latents_mean,
-                latents_std=vae.config.latents_std, final_mse=hist[-1]["mse"])
+                latents_std=vae.config.latents_std, final_mse=hist[-1]["mse"], **finish_state(d / TRAIN_STATE))
 
 
 # %% ../nbs/study.ipynb #321c687f
@@ -466,6 +569,7 @@ def pretrain_encoder(
     s: StudySize,          # enc_* fields, mask_ratio, n_frames, seed
     frames: torch.Tensor,  # uint8 (N, n_frames, 3, H, W) training clips
     dev,                   # device
+    state: Path | None = None,  # the loop's state file (`Resumable`: pause after `s.budget_s`, resume from it); None: neither
 ) -> tuple:                # (VideoMAEModel to save: the encoder, or the EMA target encoder for "jepa"; [{step, loss}])
     """Self-supervised pre-training of the study's VideoMAE on `frames` (no labels), tube masking, AdamW with warm-up and
     cosine decay; `s.enc_objective` "mae": masked pixel reconstruction (`VideoMAEForPreTraining`'s own loss), "jepa":
@@ -482,9 +586,12 @@ def pretrain_encoder(
     model = model.to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=s.enc_lr, weight_decay=0.05, betas=(0.9, 0.95))
     sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: _cosine(k, s.enc_steps, s.enc_warmup))
-    g, hist = torch.Generator().manual_seed(s.seed), []
+    g = torch.Generator().manual_seed(s.seed)
+    parts = dict(model=model, opt=opt, sch=sch) | ({} if target is None else dict(target=target))
+    run = Resumable(state, train_recipe(s, "enc_", "mask_ratio"), parts, g, s.enc_steps, s.budget_s)
+    first, hist = run.start()
     t, hw, Tn = cfg.num_frames // 2, (s.size // s.enc_patch) ** 2, cfg.num_frames
-    for step in range(s.enc_steps):
+    for step in range(first, s.enc_steps):
         idx = torch.randint(0, len(frames), (s.enc_batch,), generator=g)
         off = int(torch.randint(0, s.n_frames - Tn + 1, (1,), generator=g))
         x = _normalise(frames[idx][:, off:off + Tn], dev)                                  # B, Tn, 3, H, W
@@ -496,15 +603,17 @@ def pretrain_encoder(
         if target is not None:
             with torch.no_grad(): torch._foreach_lerp_(list(target.parameters()), list(model.videomae.parameters()), 1 - s.enc_ema)
         if step % 50 == 0 or step == s.enc_steps - 1: hist.append(dict(step=step, loss=loss.item()))
+        run.tick(step + 1, hist)
     return (model.videomae if target is None else target), hist
 
 def stage_encoder(root: Path, s: StudySize, d: Path) -> dict:
-    "Pre-train VideoMAE (masked autoencoding, no labels) on the world; save its encoder as a transformers folder; linear probes."
-    _clean(d); need(root, "world")
+    """Pre-train VideoMAE (masked autoencoding, no labels) on the world (resuming a paused run's `train_state.pt`); save
+    its encoder as a transformers folder; linear probes."""
+    _clean(d, keep=("done.json", TRAIN_STATE)); need(root, "world")
     dev = _device()
     frames = train_frames(s, s.world_clips)
     if dev.type == "cuda": frames = frames.pin_memory()
-    enc, hist = pretrain_encoder(s, frames, dev)
+    enc, hist = pretrain_encoder(s, frames, dev, d / TRAIN_STATE)
     tmp = d / ".model.tmp"; shutil.rmtree(tmp, ignore_errors=True)
     enc.to(torch.float16).save_pretrained(tmp)
     write_json(tmp / "preprocessor_config.json", dict(image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
@@ -512,7 +621,8 @@ def stage_encoder(root: Path, s: StudySize, d: Path) -> dict:
     os.replace(tmp, d / "model")
     write_json(d / "history.json", hist)
     return dict(params=sum(p.numel() for p in enc.parameters()), objective=s.enc_objective, final_loss=hist[-1]["loss"],
-                first_loss=hist[0]["loss"], probe=probe_encoder(root, s, dev))
+                first_loss=hist[0]["loss"], probe=probe_encoder(root, s, dev), **finish_state(d / TRAIN_STATE))
+
 
 
 # %% ../nbs/study.ipynb #6aea3ce3
@@ -567,8 +677,10 @@ def probe_encoders(
     encoders: dict,   # name -> frozen encoder (sara.vfm FrozenModule, one token geometry): features of (B, T, 3, H, W) in [-1, 1]
     s: StudySize,     # probe_clips, probe_steps, n_frames, size, seed
     dev,              # device of the features and the probes
-) -> dict:            # name -> {colour, shape, motion}: balanced test accuracy
-    "Linear probes of token colour, shape and motion of each encoder, on the same probe clips (first half train, second half test) and the same probe steps."
+) -> dict:            # name -> {colour, shape, motion, motion_pair}: balanced test accuracy
+    """Linear probes of token colour, shape and motion of each encoder, on the same probe clips (first half train, second
+    half test) and the same probe steps; `motion_pair` reads a token's motion from the pair (the token, the token at the
+    same place one tubelet later): the relation in time that token-relation distillation aligns."""
     from sara.grids import target_frames
     from sara.toy import toy_batch
     geos = {(e.geometry.tubelet, e.geometry.patch) for e in encoders.values()}
@@ -578,24 +690,40 @@ def probe_encoders(
     labels = {k: [] for k in ("colour", "shape", "motion")}
     for m, f, sc in zip(b["masks"], b["flow"], b["scenes"]):
         lab = token_labels(m[:, 1:], f[1:], list(sc["names"]), tub, patch)                      # frames 1..T-1, as the encoder sees them
-        for k in labels: labels[k].append(lab[k].flatten())
-    out, half = {}, s.probe_clips // 2
+        for k in labels: labels[k].append(lab[k])
+    Ys = {k: torch.stack(v).to(dev) for k, v in labels.items()}                                    # clips, T', H', W'
+    out = {}
     for name, enc in encoders.items():
         feats = []
         for i in range(0, s.probe_clips, 16):
             v = target_frames(b["frames"][i:i + 16]).to(dev).float() / 127.5 - 1                # B, T-1, 3, H, W
-            feats.append(enc.to(dev)(v).flatten(1, 3).float())                                    # B, N, D
-        X = torch.cat(feats)                                                                        # clips, N, D
-        res = {}
-        for k, ys in labels.items():
-            Y = torch.stack(ys).to(dev)                                                             # clips, N
-            tr, te = Y[:half].flatten(), Y[half:].flatten()
-            xtr, xte = X[:half].flatten(0, 1), X[half:].flatten(0, 1)
-            if k == "motion": xtr, xte, tr, te = xtr[tr >= 0], xte[te >= 0], tr[tr >= 0], te[te >= 0]
-            with torch.enable_grad(), torch.random.fork_rng(devices=[]):   # the same probe initialisation for every encoder
-                torch.manual_seed(s.seed); res[k] = linear_probe(xtr, tr, xte, te, s.probe_steps)
-        out[name] = res
+            feats.append(enc.to(dev)(v).float())                                                  # B, T', H', W', D
+        out[name] = probe_tokens(torch.cat(feats), Ys, s.probe_steps, s.seed)
     return out
+
+def pairs_in_time(X: torch.Tensor) -> torch.Tensor:  # clips, T'-1, H', W', 2D
+    "Each token's features beside those of the token at the same place one tubelet later (X: clips, T', H', W', D)."
+    return torch.cat([X[:, :-1], X[:, 1:]], -1)
+
+def probe_tokens(
+    X: torch.Tensor,   # clips, T', H', W', D token features
+    Ys: dict,          # colour, shape, motion: long (clips, T', H', W') labels (`token_labels`; motion -1 = unlabelled)
+    steps: int = 300,  # probe steps
+    seed: int = 0,     # probe initialisation (the same for every encoder)
+) -> dict:             # {colour, shape, motion, motion_pair}: balanced accuracy on the second half of the clips
+    """Linear probes trained on the first half of the clips, tested on the second; `motion_pair` probes the motion of a
+    token from `pairs_in_time` (the token and its successor in time)."""
+    half = len(X) // 2
+    Xs = dict(colour=X, shape=X, motion=X, motion_pair=pairs_in_time(X))
+    Ys = dict(Ys, motion_pair=Ys["motion"][:, :-1])                                                  # the motion of the earlier token of each pair
+    res = {}
+    for k, Y in Ys.items():
+        tr, te = Y[:half].flatten(), Y[half:].flatten()
+        xtr, xte = Xs[k][:half].flatten(0, -2), Xs[k][half:].flatten(0, -2)                         # tokens, D (pairs: 2D)
+        if k.startswith("motion"): xtr, xte, tr, te = xtr[tr >= 0], xte[te >= 0], tr[tr >= 0], te[te >= 0]
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed); res[k] = linear_probe(xtr, tr, xte, te, steps)
+    return res
 
 def random_encoder(s: StudySize):  # sara.vfm.FrozenVideoMAE
     "The baseline of every probe: the study's encoder architecture with random weights (seed + 1), as the trained one is normalised."
@@ -1172,6 +1300,7 @@ def study_cli(argv: list[str] | None = None):  # command-line arguments (default
     ap.add_argument("--unpack", default="", help="first unpack the archives of --pack found in this folder into --root")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="StudySize fields to replace (JSON values)")
     ap.add_argument("--like", default="", help="a study.json (e.g. bench/study_2026-11-30/study.json): take every StudySize field from it (--set applies after)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds the vae and encoder training loops may run in this process (StudySize.budget_s); then they save vae/ or encoder/train_state.pt and pause (exit 3), the next run resumes")
     a = ap.parse_args(argv)
     def main():
         if a.unpack: print("unpacked", unpack_results(a.unpack, a.root))
@@ -1180,7 +1309,9 @@ def study_cli(argv: list[str] | None = None):  # command-line arguments (default
             k, _, v = kv.partition("=")
             try: over[k] = json.loads(v)
             except json.JSONDecodeError: over[k] = v
-        recs = run_study(a.root, get_size(a.size, **over), a.stage, a.force, a.carry or None)   # `size` is also a field
+        if a.budget is not None: over["budget_s"] = a.budget
+        try: recs = run_study(a.root, get_size(a.size, **over), a.stage, a.force, a.carry or None)   # `size` is also a field
+        except StagePaused as e: print(f"[study] {e}"); raise SystemExit(3) from None
         print(json.dumps({n: r["wall_s"] for n, r in recs.items()}))
         runs = None if a.pack_runs is None else [r for r in a.pack_runs.split(",") if r and r != "none"]
         if a.pack: print(pack_results(a.root, a.pack, runs=runs))

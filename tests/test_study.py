@@ -36,7 +36,7 @@ def test_learned_models_load_as_the_workbench_loads_them(study):
     vfm = build_vfm(str(root / "encoder" / "model"))
     assert type(vfm).__name__ == "FrozenVideoMAE" and vfm.geometry.frames_per_clip == s.n_frames - 1
     probe = recs["encoder"]["result"]["probe"]
-    assert set(probe) == {"trained", "random"} and set(probe["trained"]) == {"colour", "shape", "motion"}
+    assert set(probe) == {"trained", "random"} and set(probe["trained"]) == {"colour", "shape", "motion", "motion_pair"}
     assert math.isfinite(recs["vae"]["result"]["psnr_heldout"])
 
 
@@ -115,3 +115,46 @@ def test_jepa_objective_learns_on_a_tiny_batch():
     enc, hist = pretrain_encoder(s, train_frames(s, 8), torch.device("cpu"))
     assert type(enc).__name__ == "VideoMAEModel"
     assert hist[-1]["loss"] < 0.9 * hist[0]["loss"], hist
+
+
+def test_vae_and_encoder_stages_pause_and_resume(tmp_path, monkeypatch, capsys):
+    """A budget that runs out after 2 of 4 steps pauses the vae and the encoder stage (exit 3 on the command line, no
+    done.json, the state kept by the next run's cleaning, everything else of the half-written folder removed); the next
+    runs resume and save bitwise the weights and history of uninterrupted stages (CPU); a state carried into a study of
+    another recipe is refused, naming the file and the field."""
+    import itertools
+    import shutil
+    import torch
+    from safetensors.torch import load_file
+    import sara.study as st
+    torch.set_num_threads(2)
+    s = get_size("micro", vae_steps=4, enc_steps=4)
+    straight, paused = tmp_path / "straight", tmp_path / "paused"
+    run_study(straight, s, "world,vae,encoder")
+    run_study(paused, s, "world")
+    monkeypatch.setattr(st, "_clock", itertools.count().__next__)      # one second per reading: 2 steps within 1.5 s
+    args = ["--size", "micro", "--root", str(paused), "--budget", "1.5", "--set", "vae_steps=4", "enc_steps=4", "--stage"]
+    for stage in ("vae", "encoder"):
+        with pytest.raises(SystemExit) as e: st.study_cli(args + [stage])
+        assert e.value.code == 3 and f"{stage}: paused at step 2 of 4" in capsys.readouterr().out
+        d = paused / stage
+        assert stage_result(paused, stage) is None and torch.load(d / "train_state.pt", weights_only=True)["step"] == 2
+        (d / "stale.txt").write_text("left by the paused run")
+        st.study_cli(args + [stage])                                        # resumes at step 2 and finishes
+        assert f"{stage}: resuming at step 2 of 4" in capsys.readouterr().out
+        assert not (d / "stale.txt").exists() and not (d / "train_state.pt").exists()
+        rec, ref = stage_result(paused, stage)["result"], stage_result(straight, stage)["result"]
+        assert rec["pauses"] == [2] and len(rec["loop_s"]) == 2 and ref["pauses"] == []
+        assert (d / "history.json").read_text() == (straight / stage / "history.json").read_text()
+    for f in ("vae/vae/diffusion_pytorch_model.safetensors", "encoder/model/model.safetensors"):
+        a, b = load_file(str(straight / f)), load_file(str(paused / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    # a paused VAE carried into a study whose VAE recipe differs is refused by name
+    other = tmp_path / "other"
+    run_study(other, s, "world", vae_lr=2e-3)
+    (other / "vae").mkdir()
+    monkeypatch.setattr(st, "_clock", itertools.count().__next__)
+    with pytest.raises(st.StagePaused): run_study(paused, s, "vae", force=True, budget_s=1.5)
+    shutil.copy(paused / "vae" / "train_state.pt", other / "vae" / "train_state.pt")
+    with pytest.raises(ValueError, match=r"other/vae/train_state.pt: saved by a run with vae_lr=0.001, this run has vae_lr=0.002"):
+        run_study(other, s, "vae", vae_lr=2e-3)
