@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Issue 13: the front of the study (world .. stage1) over two device calls, the VAE (and the encoder, if it must) paused
+# at a time budget and resumed (StudySize.budget_s, `sara-study --budget`; nbs/study.ipynb "Training across calls").
+#   bench/study_front.sh call1   world, text; vae --budget on GPU 0 beside encoder --budget on GPU 1; returns in $OUT the
+#                                VAE's state (vae_state.tar.aa, .ab: 21 MiB, cut under the 16 MiB per returned file),
+#                                the finished encoder (encoder.tgz) and the logs
+#   bench/study_front.sh call2   the paused loops resume (the study folder of call 1 on the same, still warm machine;
+#                                on a fresh one, call 1's files from BACK), then wan, cache, stage1 in what is left
+# A paused stage exits 3 and has no done.json; run the same part again (call2) until vae and encoder are done.
+# Run call2 at once after call1 with the same kind: the machine stays warm 30 s after a call and R (ignored, in the
+# repository) is kept there. A fresh machine cannot take call 1's files beside the wheels and the text table: WHL
+# 41.4 MB + CARRY 13.9 MB + the tracked tree 10.6 MB = 65.9 MB of the 64 MiB (67.1 MB) a call carries, and BACK is
+# another 31 MB (VAE state 22 MB, encoder 9.5 MB).
+# Env: WHL (wheels the image lacks), CARRY (world/scenes.json.gz, text/table.safetensors), BACK (call 1's files),
+#      SET (StudySize fields, the same in every call, e.g. "vae_steps=3000"), LIMIT (seconds this call may use),
+#      REST (seconds kept for wan, cache and stage1 in call2), BUDGET (the loops' seconds instead of what LIMIT leaves),
+#      R (the study folder; stage2 of bench/study_device.sh continues from it with the same R).
+set -o pipefail
+PART=${1:?usage: bench/study_front.sh call1|call2}
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+WHL=${WHL-.h13/whl}; CARRY=${CARRY-.h13/carry4}; BACK=${BACK:-}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+R=${R:-$PWD/.h13/run/study}; PY=${PY:-python3}; SIZE=${SIZE:-default}; SET=${SET:-}; LIMIT=${LIMIT:-570}; REST=${REST:-170}
+if [ -n "$WHL" ] && [ ! -f /tmp/site/.installed ]; then   # a warm machine has them from the last call
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $WHL/*.whl && touch /tmp/site/.installed || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+F="Loading weights\|Writing model\|float32: \[\]\|LOAD REPORT\|UNEXPECTED\|^Key \|^---\|^Notes\|can be ignored\|^$"
+LOG=$OUT/$PART.log
+study() { timeout ${TMO:-0} $PY -m sara.study --size $SIZE --root $R "$@" ${SET:+--set $SET} 2>&1 | grep --line-buffered -v "$F"; return ${PIPESTATUS[0]}; }
+done_() { [ -f $R/$1/done.json ]; }
+say() { echo "t=$(el) $*" | tee -a $LOG; }
+carry=""
+if [ -n "$CARRY" ]; then   # the world simulated once and the MiniLM table (built where MiniLM is installed)
+  mkdir -p /tmp/carry/world && cp -r $CARRY/text /tmp/carry/ && gunzip -c $CARRY/world/scenes.json.gz > /tmp/carry/world/scenes.json
+  carry="--carry /tmp/carry"
+fi
+train() {   # $1: the stage, $2: its GPU, $3: the budget of its loop (a paused stage exits 3); killed 20 s before the call's limit
+  if done_ $1; then say "$1 done"; return; fi
+  ( CUDA_VISIBLE_DEVICES=$2 TMO=$(( LIMIT - $(el) - 20 )) study --stage $1 --budget $3 > $OUT/$1.log 2>&1
+    say "$1 exit $? ($(grep "\[study\]" $OUT/$1.log | tail -1 | cut -c1-200))" ) &
+}
+pack() {   # what the next call needs if it lands on a fresh machine, and the records
+  rm -f $OUT/vae_state.tar.*
+  [ -f $R/vae/train_state.pt ] && tar cf - -C $R vae/train_state.pt | split -b 15m - $OUT/vae_state.tar.
+  done_ encoder && tar czf $OUT/encoder.tgz -C $R encoder
+  done_ vae && tar czf $OUT/vae.tgz -C $R vae/done.json vae/history.json vae/vae
+  $PY -c "import json; from pathlib import Path; print({p.parent.name: json.loads(p.read_text())['wall_s'] for p in sorted(Path('$R').glob('*/done.json'))})" | tee -a $LOG
+  ls -la $OUT
+}
+case $PART in
+  call1)
+    study --stage world,text $carry | tee -a $LOG; say "world, text"
+    B=${BUDGET:-$(( LIMIT - $(el) - 90 ))}   # the loops' budget: their setup (rendering 2048 clips) and the saves come on top
+    train vae 0 $B; train encoder ${ENC_GPU:-1} $B; wait
+    pack ;;
+  call2)
+    if ! done_ vae && [ ! -f $R/vae/train_state.pt ]; then   # a fresh machine: call 1's files
+      [ -n "$BACK" ] && ls $BACK/vae_state.tar.* > /dev/null || { say "no VAE state here and none in BACK=$BACK"; exit 1; }
+      mkdir -p $R && cat $BACK/vae_state.tar.* | tar xf - -C $R && say "VAE state from $BACK"
+      [ -f $BACK/encoder.tgz ] && ! done_ encoder && tar xzf $BACK/encoder.tgz -C $R
+    fi
+    study --stage world,text $carry | tee -a $LOG; say "world, text"
+    B=${BUDGET:-$(( LIMIT - $(el) - REST ))}
+    train vae 0 $B; train encoder ${ENC_GPU:-1} $B; wait
+    if done_ vae && done_ encoder; then
+      TMO=$(( LIMIT - $(el) - 10 )) study --stage wan,cache,stage1 | tee -a $LOG
+    else say "vae or encoder paused: run call2 again"; fi
+    pack ;;
+  *) echo "unknown part $PART (call1|call2)"; exit 2 ;;
+esac
