@@ -54,7 +54,7 @@ class StudySize:
     probe_clips: int = 192       # clips of the linear probe (half train, half test)
     vae_base_dim: int = 24       # AutoencoderKLWan base_dim
     vae_z_dim: int = 16          # latent channels
-    vae_steps: int = 3000        # VAE optimisation steps (1500 reached 28.5 dB in part 1 with the MSE still falling; 3000 is about 800 s on an H200: more than one device call, so the stage pauses and resumes)
+    vae_steps: int = 2500        # VAE optimisation steps (1500 reached 28.5 dB in part 1 with the MSE still falling; 2500 is about 680 s on an H200: two device calls, the stage paused and resumed with `budget_s`)
     vae_batch: int = 8           # clips per VAE step
     vae_lr: float = 1e-3         # VAE AdamW learning rate (cosine decay)
     vae_frames: int = 0          # frames of each VAE training clip (4k+1, a random window of the clip; 0 = n_frames; default 0: 5-frame windows reconstructed 17-frame clips at 20.8 dB against 28.5 for full clips, bench/README.md part 3)
