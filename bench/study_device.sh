@@ -10,16 +10,8 @@
 # BACK: the sweep part's returned files (chosen.json, chosen.tgz), used by stage2 when this machine is a fresh one.
 set -o pipefail
 PART=${1:?usage: bench/study_device.sh sweep|stage2}
-WHL=${WHL:-.h13/whl}; CARRY=${CARRY:-.h13/carry4}; BACK=${BACK:-.h13/back4}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-R=${R:-/tmp/study}; S=${S:-/tmp/sweep}
-PY=${PY:-python3}; SIZE=${SIZE:-default}
-if [ -n "$WHL" ]; then $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $WHL/*.whl || exit 1; fi
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-F="Loading weights\|Writing model\|float32: \[\]\|LOAD REPORT\|UNEXPECTED\|^Key \|^---\|^Notes\|can be ignored\|^$"
-if [ -f "$CARRY/world/scenes.json.gz" ]; then   # carried compressed (the device's transfer limit): unpack beside
-  mkdir -p /tmp/carry/world && cp -r "$CARRY/text" /tmp/carry/ && gunzip -c "$CARRY/world/scenes.json.gz" > /tmp/carry/world/scenes.json
-  CARRY=/tmp/carry
-fi
+BACK=${BACK:-.h13/back4}; S=${S:-/tmp/sweep}
+. "$(dirname "$0")/study_env.sh"   # WHL, CARRY, OUT, R, PY, SIZE; installs the wheels, unpacks the carried world
 NG=$($PY -c "import torch; print(torch.cuda.device_count())"); W=$(( NG > 0 ? 6 * NG : 1 ))
 chosen_set() { $PY -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['set']))" "$1"; }
 front() {   # world .. stage1 of the study with the chosen recipes (finished stages are skipped)
@@ -28,7 +20,7 @@ front() {   # world .. stage1 of the study with the chosen recipes (finished sta
 }
 case $PART in
   sweep)
-    timeout ${SWEEP_S:-450} $PY bench/study_sweep.py --size $SIZE --root $S ${SWEEP_ARGS---vae vfull_b8 --enc mae90_wide,mae90_wide_b128,jepa90_wide_b128} --carry $CARRY --gpus ${GPUS:-$($PY -c "print(','.join(map(str, range(max(1, $NG)))))")} --timeout ${RECIPE_S:-440} \
+    timeout ${SWEEP_S:-450} $PY bench/study_sweep.py --size $SIZE --root $S ${SWEEP_ARGS---vae vfull_b8 --enc mae90_wide,mae90_wide_b128,jepa90_wide_b128} $CARRY_ARG --gpus ${GPUS:-$($PY -c "print(','.join(map(str, range(max(1, $NG)))))")} --timeout ${RECIPE_S:-440} \
       2>&1 | grep -v "$F" | tee $OUT/sweep.log || { echo "sweep failed: nothing chosen"; exit 1; }
     cp $S/chosen.json $OUT/
     tar czf $OUT/chosen.tgz -C $S/chosen world vae encoder

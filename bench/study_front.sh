@@ -18,22 +18,12 @@
 set -o pipefail
 PART=${1:?usage: bench/study_front.sh call1|call2}
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
-WHL=${WHL-.h13/whl}; CARRY=${CARRY-.h13/carry4}; BACK=${BACK:-}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-R=${R:-$PWD/.h13/run/study}; PY=${PY:-python3}; SIZE=${SIZE:-default}; SET=${SET:-}; LIMIT=${LIMIT:-570}; REST=${REST:-170}
-if [ -n "$WHL" ] && [ ! -f /tmp/site/.installed ]; then   # a warm machine has them from the last call
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $WHL/*.whl && touch /tmp/site/.installed || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-F="Loading weights\|Writing model\|float32: \[\]\|LOAD REPORT\|UNEXPECTED\|^Key \|^---\|^Notes\|can be ignored\|^$"
+BACK=${BACK:-}; SET=${SET:-}; LIMIT=${LIMIT:-570}; REST=${REST:-170}
+. "$(dirname "$0")/study_env.sh"   # WHL, CARRY, OUT, R, PY, SIZE; installs the wheels, unpacks the carried world
 LOG=$OUT/$PART.log
 study() { timeout ${TMO:-0} $PY -m sara.study --size $SIZE --root $R "$@" ${SET:+--set $SET} 2>&1 | grep --line-buffered -v "$F"; return ${PIPESTATUS[0]}; }
 done_() { [ -f $R/$1/done.json ]; }
 say() { echo "t=$(el) $*" | tee -a $LOG; }
-carry=""
-if [ -n "$CARRY" ]; then   # the world simulated once and the MiniLM table (built where MiniLM is installed)
-  mkdir -p /tmp/carry/world && cp -r $CARRY/text /tmp/carry/ && gunzip -c $CARRY/world/scenes.json.gz > /tmp/carry/world/scenes.json
-  carry="--carry /tmp/carry"
-fi
 train() {   # $1: the stage, $2: its GPU, $3: the budget of its loop (a paused stage exits 3); killed 20 s before the call's limit
   if done_ $1; then say "$1 done"; return; fi
   ( CUDA_VISIBLE_DEVICES=$2 TMO=$(( LIMIT - $(el) - 20 )) study --stage $1 --budget $3 > $OUT/$1.log 2>&1
@@ -49,7 +39,7 @@ pack() {   # what the next call needs if it lands on a fresh machine, and the re
 }
 case $PART in
   call1)
-    study --stage world,text $carry | tee -a $LOG; say "world, text"
+    study --stage world,text $CARRY_ARG | tee -a $LOG; say "world, text"
     B=${BUDGET:-$(( LIMIT - $(el) - 90 ))}   # the loops' budget: their setup (rendering 2048 clips) and the saves come on top
     train vae 0 $B; train encoder ${ENC_GPU:-1} $B; wait
     pack ;;
@@ -59,7 +49,7 @@ case $PART in
       mkdir -p $R && cat $BACK/vae_state.tar.* | tar xf - -C $R && say "VAE state from $BACK"
       [ -f $BACK/encoder.tgz ] && ! done_ encoder && tar xzf $BACK/encoder.tgz -C $R
     fi
-    study --stage world,text $carry | tee -a $LOG; say "world, text"
+    study --stage world,text $CARRY_ARG | tee -a $LOG; say "world, text"
     B=${BUDGET:-$(( LIMIT - $(el) - REST ))}
     train vae 0 $B; train encoder ${ENC_GPU:-1} $B; wait
     if done_ vae && done_ encoder; then

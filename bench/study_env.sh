@@ -1,0 +1,17 @@
+# Sourced by bench/study_device.sh and bench/study_front.sh: the study's environment on the device machine.
+# WHL: wheels the image lacks (empty: none; installed once per machine into /tmp/site); CARRY: world/scenes.json.gz
+# and text/table.safetensors (carried compressed for the 64 MiB limit; unpacked into /tmp/carry) or a plain folder
+# with world/ and text/ (empty: none); R: the study folder (inside the repository, so a warm machine keeps it between
+# calls); OUT, PY, SIZE as in the callers. Sets CARRY_ARG (`--carry <folder>` or nothing) and F (log lines dropped).
+WHL=${WHL-.h13/whl}; CARRY=${CARRY-.h13/carry4}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+R=${R:-$PWD/.h13/run/study}; PY=${PY:-python3}; SIZE=${SIZE:-default}
+if [ -n "$WHL" ] && [ ! -f /tmp/site/.installed ]; then   # a warm machine has them from the last call
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $WHL/*.whl && touch /tmp/site/.installed || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+F="Loading weights\|Writing model\|float32: \[\]\|LOAD REPORT\|UNEXPECTED\|^Key \|^---\|^Notes\|can be ignored\|^$"
+if [ -n "$CARRY" ] && [ -f "$CARRY/world/scenes.json.gz" ]; then   # the world simulated once and the MiniLM table (built where MiniLM is installed)
+  mkdir -p /tmp/carry/world && cp -r "$CARRY/text" /tmp/carry/ && gunzip -c "$CARRY/world/scenes.json.gz" > /tmp/carry/world/scenes.json
+  CARRY=/tmp/carry
+fi
+CARRY_ARG=${CARRY:+--carry $CARRY}
