@@ -7,8 +7,9 @@
 #   bench/study_front.sh call2   the paused loops resume (the study folder of call 1 on the same, still warm machine;
 #                                on a fresh one, call 1's files from BACK), then wan, cache, stage1 in what is left
 # A paused stage exits 3 and has no done.json; run the same part again (call2) until vae and encoder are done.
-# Run call2 at once after call1 with the same kind: the machine stays warm 30 s after a call and R (ignored, in the
-# repository) is kept there. A fresh machine cannot take call 1's files beside the wheels and the text table: WHL
+# Run call2 at once after call1 with the same kind: the machine stays warm 30 s after a call and keeps /tmp (R, the
+# installed wheels, the unpacked world), so call2 carries nothing (carry=[]). A fresh machine cannot take call 1's files
+# beside the wheels and the text table: WHL
 # 41.4 MB + CARRY 13.9 MB + the tracked tree 10.6 MB = 65.9 MB of the 64 MiB (67.1 MB) a call carries, and BACK is
 # another 31 MB (VAE state 22 MB, encoder 9.5 MB).
 # Env: WHL (wheels the image lacks), CARRY (world/scenes.json.gz, text/table.safetensors), BACK (call 1's files),

@@ -36,9 +36,10 @@ __all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'TRAIN_STATE', 'WOR
            'pretrain_encoder', 'stage_encoder', 'token_labels', 'linear_probe', 'probe_encoders', 'pairs_in_time',
            'probe_tokens', 'random_encoder', 'probe_encoder', 'probe_recipe', 'dit_config', 'stage_wan', 'cache_params',
            'stage_cache', 'stage_stage1', 'run_params', 'run_finished', 'gpu_slots', 'visible_gpu', 'write_viz',
-           'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score', 'viz_inputs', 'study_table',
-           'table_markdown', 'loss_curves', 'sample_grid', 'report_figures', 'stage_report', 'run_study',
-           'pack_results', 'unpack_results', 'like_size', 'study_cli']
+           'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score', 'viz_inputs',
+           'cluster_bootstrap', 'study_paired', 'paired_markdown', 'study_table', 'table_markdown', 'loss_curves',
+           'sample_grid', 'report_figures', 'stage_report', 'run_study', 'pack_results', 'unpack_results', 'like_size',
+           'study_cli']
 
 # %% ../nbs/study.ipynb #dc2a3666
 @dataclass(frozen=True)
@@ -1063,6 +1064,73 @@ def viz_inputs(root: Path, s: StudySize, dev, run: str = "", n: int = 2) -> dict
     return out
 
 
+# %% ../nbs/study.ipynb #19cd89c7
+def _train_seed(run: str) -> str: return run.rsplit("_s", 1)[1] if "_s" in run else ""
+
+def cluster_bootstrap(
+    values: list[float],  # one score (or paired difference) per sample
+    groups: list,         # the training seed of each sample: the unit the study repeats
+    n_boot: int = 2000,   # bootstrap resamples
+    ci: float = 0.95,     # interval mass
+    seed: int = 0,        # resampling seed
+) -> tuple:               # (mean, lo, hi); NaNs for no values
+    """Mean and a two-level percentile-bootstrap interval: resample the groups (training seeds) with replacement, then the
+    samples (prompts, noise) inside each drawn group. With one group it is the plain bootstrap over samples. Samples of
+    one trained model are not independent draws, so a flat bootstrap over all of them would be too narrow."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0: return (float("nan"),) * 3
+    if len(x) != len(groups): raise ValueError(f"cluster_bootstrap: {len(x)} values but {len(groups)} groups")
+    labels = list(dict.fromkeys(groups))
+    parts = [x[[k for k, g in enumerate(groups) if g == l]] for l in labels]   # one array per group
+    rng, means = np.random.default_rng(seed), np.empty(n_boot)
+    for b in range(n_boot):
+        drawn = [parts[j] for j in rng.integers(0, len(parts), len(parts))] if len(parts) > 1 else parts
+        means[b] = np.concatenate([p[rng.integers(0, p.size, p.size)] for p in drawn]).mean()
+    a = (1 - ci) / 2
+    return float(x.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+def study_paired(
+    rows: list[dict],        # stage_score's scores.json rows (run, method, prompt_id, seed, metrics)
+    methods: list[str],      # methods to compare with the baseline (the baseline itself is skipped)
+    baseline: str = "sft",   # the method every other one is paired with
+    n_boot: int = 2000,      # bootstrap resamples
+    seed: int = 0,           # resampling seed
+) -> list[dict]:             # per method and metric: method, baseline, dimension, mean_diff, lo, hi, by_seed, p_pairs, n
+    """Paired differences against the baseline: a sample of a method and one of the baseline form a pair when they share
+    the training seed, the prompt and the sampling seed (so the same noise). lo, hi: `cluster_bootstrap` over training
+    seeds, then pairs; by_seed: the mean difference of each training seed; p_pairs: the sign-flip p of the pairs taken
+    as independent (`sara.evaluate.paired_bootstrap`; smaller than a seed-level test would give)."""
+    from sara.evaluate import paired_bootstrap
+    key = lambda r: (_train_seed(r["run"]), r["prompt_id"], r["seed"])
+    scored = lambda m: sorted({r["method"] for r in rows})
+    base = [r for r in rows if r["method"] == baseline]
+    if not base: raise ValueError(f"study_paired: no scored sample of the baseline {baseline!r}; methods scored: {scored(0)}")
+    out = []
+    for m in methods:
+        if m == baseline: continue
+        rs = [r for r in rows if r["method"] == m]
+        if not rs: raise ValueError(f"study_paired: no scored sample of method {m!r}; methods scored: {scored(0)}")
+        for k in METRICS:
+            a, b = {key(r): r[k] for r in rs if k in r}, {key(r): r[k] for r in base if k in r}
+            ks = sorted(set(a) & set(b), key=str)
+            d, g = [a[q] - b[q] for q in ks], [q[0] for q in ks]
+            mean, lo, hi = cluster_bootstrap(d, g, n_boot, seed=seed)
+            by_seed = {sd: float(np.mean([x for x, y in zip(d, g) if y == sd])) for sd in dict.fromkeys(g)}
+            out.append(dict(method=m, baseline=baseline, dimension=k, mean_diff=mean, lo=lo, hi=hi, by_seed=by_seed,
+                            p_pairs=paired_bootstrap(a, b, n_boot, seed=seed)["p"], n=len(ks)))
+    return out
+
+def paired_markdown(paired: list[dict]) -> str:  # a Markdown table: one row per method, one column per metric
+    "The paired differences as Markdown: mean difference [95 % interval] per cell; * where the interval excludes 0."
+    dims = list(dict.fromkeys(r["dimension"] for r in paired))
+    cell = lambda r: f"{r['mean_diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" + (" *" if r["lo"] > 0 or r["hi"] < 0 else "")
+    lines = ["| method - " + (paired[0]["baseline"] if paired else "baseline") + " | pairs | " + " | ".join(dims) + " |", "|" + " --- |" * (len(dims) + 2)]
+    for m in dict.fromkeys(r["method"] for r in paired):
+        by = {r["dimension"]: r for r in paired if r["method"] == m}
+        lines.append(f"| {m} | {max(r['n'] for r in by.values())} | " + " | ".join(cell(by[d]) if d in by else "-" for d in dims) + " |")
+    return "\n".join(lines)
+
+
 # %% ../nbs/study.ipynb #d56bdd7f
 def _label(run: str) -> str: return {"heldout": "real (ceiling)", "step0": "untrained DiT (floor)"}.get(run, run)
 
@@ -1072,17 +1140,17 @@ def study_table(
     methods: list[str], # method order
     n_boot: int = 1000, # bootstrap resamples
 ) -> list[dict]:        # one row per method: {method, n, <metric>: (mean, lo, hi), fd: (mean, lo, hi), unseen_fidelity: ...}
-    "Method x metric table: mean and 95 % bootstrap interval over seeds and prompts (FD: over seeds)."
-    from sara.evaluate import bootstrap_ci
+    "Method x metric table: mean and 95 % two-level bootstrap interval over training seeds, then prompts (FD: over seeds)."
     out = []
     for m in ["heldout", "step0", *methods]:
         rs = [r for r in rows if r["method"] == m]
         if not rs: continue
         row = dict(method=_label(m), n=len(rs))
-        for k in METRICS: row[k] = bootstrap_ci([r[k] for r in rs if k in r], n_boot)
-        row["unseen_fidelity"] = bootstrap_ci([r["prompt_fidelity"] for r in rs if r["unseen"]], n_boot)
+        for k in METRICS: row[k] = cluster_bootstrap([r[k] for r in rs if k in r], [_train_seed(r["run"]) for r in rs if k in r], n_boot)
+        uns = [r for r in rs if r["unseen"]]
+        row["unseen_fidelity"] = cluster_bootstrap([r["prompt_fidelity"] for r in uns], [_train_seed(r["run"]) for r in uns], n_boot)
         fds = [fd["reference"]] if m == "heldout" else [v for run, v in fd.items() if run == m or run.rsplit("_s", 1)[0] == m]
-        row["fd"] = bootstrap_ci(fds, n_boot)
+        row["fd"] = cluster_bootstrap(fds, list(range(len(fds))), n_boot)   # one value per seed: the plain bootstrap over seeds
         out.append(row)
     return out
 
@@ -1154,6 +1222,9 @@ def stage_report(root: Path, s: StudySize, d: Path) -> dict:
     table = study_table(rows, fd, list(s.methods))
     md = table_markdown(table)
     (d / "table.md").write_text(md + "\n"); write_json(d / "table.json", table)
+    paired = study_paired(rows, list(s.methods)) if "sft" in s.methods and len(s.methods) > 1 else []   # every method against SFT
+    pmd = paired_markdown(paired) if paired else ""
+    (d / "paired.md").write_text(pmd + "\n"); write_json(d / "paired.json", paired)
     for name, fig in report_figures(root, s).items(): fig.write_html(str(d / f"{name}.html"), include_plotlyjs="cdn")
     prompts = json.loads((root / "world" / "heldout.json").read_text())
     runs = ["heldout", "step0"] + [f"{m}_s{s.seeds[0]}" for m in s.methods]
@@ -1165,7 +1236,7 @@ def stage_report(root: Path, s: StudySize, d: Path) -> dict:
     walls = {n: stage_result(root, n)["wall_s"] for n in STAGES if n != "report" and stage_result(root, n) is not None}
     curves = loss_curves(root, s)
     explorers = "made" if (root / "train" / "viz.json").is_file() else "not made: the train stage wrote no viz.json (it needs the cache and a trained run)"
-    return dict(table=table, markdown=md, grids=grids, walls=walls, explorers=explorers,
+    return dict(table=table, markdown=md, paired=paired, paired_markdown=pmd, grids=grids, walls=walls, explorers=explorers,
                 final_fm={m: c["fm"][-1] for m, c in curves.items()}, final_trd={m: c["trd"][-1] for m, c in curves.items()})
 
 STAGE_FNS = dict(world=stage_world, text=stage_text, vae=stage_vae, encoder=stage_encoder, wan=stage_wan, cache=stage_cache,

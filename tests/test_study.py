@@ -4,6 +4,7 @@ method, and a finished study is reused (a half-written stage is redone)."""
 import json
 import math
 from pathlib import Path
+import numpy as np
 
 import pytest
 
@@ -74,6 +75,15 @@ def test_samples_and_table(study):
     md = (root / "report" / "table.md").read_text().strip().splitlines()
     assert len(md) == 2 + len(table) and md[0].startswith("| method | n |")
     assert (root / "report" / "grid_p000.png").is_file() and list((root / "report").glob("saliency_*.html"))
+    paired = json.loads((root / "report" / "paired.json").read_text())   # every method but SFT against SFT, in pairs
+    assert [(r["method"], r["dimension"]) for r in paired] == [(m, k) for m in s.methods if m != "sft" for k in METRICS]
+    scores = json.loads((root / "score" / "scores.json").read_text())
+    for r in paired:
+        a = {(x["prompt_id"], x["seed"]): x[r["dimension"]] for x in scores if x["method"] == r["method"]}
+        b = {(x["prompt_id"], x["seed"]): x[r["dimension"]] for x in scores if x["method"] == "sft"}
+        assert r["n"] == len(prompts) * len(s.eval_seeds) and abs(r["mean_diff"] - np.mean([a[k] - b[k] for k in a])) < 1e-9
+        assert r["lo"] <= r["mean_diff"] <= r["hi"]
+    assert (root / "report" / "paired.md").read_text().startswith("| method - sft | pairs |")
 
 
 def test_finished_study_is_reused_and_half_written_stage_redone(study):
