@@ -7,16 +7,22 @@
 # CARRY: finished world/ (scenes.json) and text/ (the MiniLM table, built where MiniLM is installed).
 # WHL: wheels of what the device image lacks (diffusers, av, importlib_metadata, fastcore for its python).
 # GPUS: the sweep's round-robin list (e.g. 0,1,1,1: the first recipe, the VAE, alone on GPU 0).
-# BACK: the sweep part's returned files (chosen.json, chosen.tgz), used by stage2 when this machine is a fresh one.
+# On a machine without the study's front (a fresh one, or R gone), stage2 builds it from carried finished stages:
+# FRONT: a folder of finished stage folders (vae/ and encoder/ of a recorded study, e.g. part 5's: the costly and
+#        non-deterministic stages; world, wan, cache and Stage 1 are rebuilt from them and CARRY's world and text),
+# LIKE:  the study.json whose fields to take, SET: fields to replace after it (e.g. SET='seeds=[3,4,5]': more seeds
+#        of the same front, merged here with `sara-study --merge`);
+# BACK:  or the sweep part's returned files (chosen.json, chosen.tgz): its chosen recipes are the front.
 set -o pipefail
 PART=${1:?usage: bench/study_device.sh sweep|stage2}
 BACK=${BACK:-.h13/back4}; S=${S:-/tmp/sweep}
 . "$(dirname "$0")/study_env.sh"   # WHL, CARRY, OUT, R, PY, SIZE; installs the wheels, unpacks the carried world
 NG=$($PY -c "import torch; print(torch.cuda.device_count())"); W=$(( NG > 0 ? 6 * NG : 1 ))
 chosen_set() { $PY -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['set']))" "$1"; }
-front() {   # world .. stage1 of the study with the chosen recipes (finished stages are skipped)
-  timeout ${2:-150} $PY -m sara.study --size $SIZE --stage world,text,vae,encoder,wan,cache,stage1 --root $R --carry "$1" \
-    --set $(chosen_set "$3") 2>&1 | grep -v "$F" | tee -a $OUT/$PART.log
+front() {   # world .. stage1 of the study from the finished stages in $1 (skipped), in $2 s; the rest: sara-study flags
+  local from=$1 limit=$2; shift 2
+  timeout $limit $PY -m sara.study --size $SIZE --stage world,text,vae,encoder,wan,cache,stage1 --root $R --carry "$from" "$@" \
+    2>&1 | grep -v "$F" | tee -a $OUT/$PART.log
 }
 case $PART in
   sweep)
@@ -24,14 +30,19 @@ case $PART in
       2>&1 | grep -v "$F" | tee $OUT/sweep.log || { echo "sweep failed: nothing chosen"; exit 1; }
     cp $S/chosen.json $OUT/
     tar czf $OUT/chosen.tgz -C $S/chosen world vae encoder
-    front $S/chosen 150 $S/chosen.json
+    front $S/chosen 150 --set $(chosen_set $S/chosen.json)
     $PY -c "import json; from pathlib import Path; print({p.parent.name: json.loads(p.read_text())['wall_s'] for p in sorted(Path('$R').glob('*/done.json'))})" | tee -a $OUT/sweep.log
     ;;
   stage2)
-    if [ ! -f $R/stage1/done.json ]; then   # a fresh machine: rebuild the front of the study from the sweep's files
+    if [ ! -f $R/stage1/done.json ] && [ -n "$FRONT" ]; then   # the front from carried finished stages, the world and text from CARRY
+      [ -d "$FRONT/vae" ] && [ -n "$LIKE" ] || { echo "FRONT=$FRONT has no vae/ or LIKE is empty"; exit 1; }
+      rm -rf /tmp/front && mkdir -p /tmp/front && { [ -z "$CARRY" ] || cp -r $CARRY/. /tmp/front/; } && cp -r $FRONT/. /tmp/front/ || exit 1
+      front /tmp/front ${FRONT_S:-200} --like $LIKE ${SET:+--set $SET}
+    elif [ ! -f $R/stage1/done.json ]; then   # the front from the sweep's files
       mkdir -p /tmp/back && tar xzf $BACK/chosen.tgz -C /tmp/back && cp -r $CARRY/text /tmp/back/chosen/
-      front /tmp/back/chosen 200 $BACK/chosen.json
+      front /tmp/back/chosen 200 --set $(chosen_set $BACK/chosen.json)
     fi
+    [ -f $R/stage1/done.json ] || { echo "the study's front did not finish in $R"; exit 1; }
     timeout ${TRAIN_S:-390} $PY -m sara.study --size $SIZE --stage train --root $R --like $R/study.json --set workers=$W 2>&1 | grep -v "$F" | tail -5 | tee -a $OUT/stage2.log
     timeout ${SAMPLE_S:-140} $PY -m sara.study --size $SIZE --stage sample --root $R --like $R/study.json --set workers=$W 2>&1 | grep -v "$F" | tail -5 | tee -a $OUT/stage2.log
     $PY -c "from sara.study import pack_results as p; print(p('$R', '$OUT', runs=[]))" 2>&1 | tail -2 | tee -a $OUT/stage2.log

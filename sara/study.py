@@ -29,17 +29,17 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'TRAIN_STATE', 'WORLD_FIELDS', 'IMAGENET_MEAN', 'IMAGENET_STD',
-           'METRICS', 'STAGE_FNS', 'StudySize', 'get_size', 'write_json', 'stage_result', 'need', 'run_stage',
-           'world_seeds', 'train_frames', 'world_scenes', 'scene_prompts', 'stage_world', 'TextTable',
-           'make_text_table', 'stage_text', 'vae_config', 'psnr', 'reconstruct', 'StagePaused', 'train_recipe',
-           'Resumable', 'finish_state', 'train_vae', 'stage_vae', 'encoder_config', 'tube_mask', 'jepa_loss',
-           'pretrain_encoder', 'stage_encoder', 'token_labels', 'linear_probe', 'probe_encoders', 'pairs_in_time',
-           'probe_tokens', 'random_encoder', 'probe_encoder', 'probe_recipe', 'dit_config', 'stage_wan', 'cache_params',
-           'stage_cache', 'stage_stage1', 'run_params', 'run_finished', 'gpu_slots', 'visible_gpu', 'write_viz',
-           'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score', 'viz_inputs',
-           'cluster_bootstrap', 'study_paired', 'paired_markdown', 'study_table', 'table_markdown', 'loss_curves',
-           'sample_grid', 'report_figures', 'stage_report', 'run_study', 'pack_results', 'unpack_results', 'like_size',
-           'study_cli']
+           'METRICS', 'STAGE_FNS', 'MERGE_SHARED', 'REAL_RUNS', 'StudySize', 'get_size', 'write_json', 'stage_result',
+           'need', 'run_stage', 'world_seeds', 'train_frames', 'world_scenes', 'scene_prompts', 'stage_world',
+           'TextTable', 'make_text_table', 'stage_text', 'vae_config', 'psnr', 'reconstruct', 'StagePaused',
+           'train_recipe', 'Resumable', 'finish_state', 'train_vae', 'stage_vae', 'encoder_config', 'tube_mask',
+           'jepa_loss', 'pretrain_encoder', 'stage_encoder', 'token_labels', 'linear_probe', 'probe_encoders',
+           'pairs_in_time', 'probe_tokens', 'random_encoder', 'probe_encoder', 'probe_recipe', 'dit_config',
+           'stage_wan', 'cache_params', 'stage_cache', 'stage_stage1', 'run_params', 'run_finished', 'gpu_slots',
+           'visible_gpu', 'write_viz', 'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score',
+           'viz_inputs', 'cluster_bootstrap', 'study_paired', 'paired_markdown', 'study_table', 'table_markdown',
+           'compare_tables', 'loss_curves', 'sample_grid', 'report_figures', 'stage_wall', 'stage_report',
+           'merge_studies', 'run_study', 'pack_results', 'unpack_results', 'like_size', 'study_cli']
 
 # %% ../nbs/study.ipynb #dc2a3666
 @dataclass(frozen=True)
@@ -1163,6 +1163,23 @@ def table_markdown(table: list[dict]) -> str:  # a Markdown table
     return "\n".join(lines)
 
 
+# %% ../nbs/study.ipynb #3b77a0f5
+def compare_tables(
+    ref: list[dict],  # a recorded study table (`report/table.json`): rows with method and (mean, lo, hi) per column
+    new: list[dict],  # the table of a rerun of that study (the same fields)
+    cols: tuple = (*METRICS, "unseen_fidelity", "fd"),  # columns to compare
+) -> list[dict]:      # per method and column: method, column, ref (mean, lo, hi), new mean, inside (the new mean within the reference interval)
+    "Does a rerun reproduce a recorded table: is every new mean inside the recorded 95 % interval? ValueError naming a method missing from either."
+    a, b = {r["method"]: r for r in ref}, {r["method"]: r for r in new}
+    if set(a) != set(b): raise ValueError(f"compare_tables: methods differ: only in the reference {sorted(set(a) - set(b))}, only in the rerun {sorted(set(b) - set(a))}")
+    out = []
+    for m in a:
+        for c in cols:
+            (mu, lo, hi), nm = a[m][c], b[m][c][0]
+            out.append(dict(method=m, column=c, ref=(mu, lo, hi), new=nm, inside=bool(lo - 1e-9 <= nm <= hi + 1e-9)))
+    return out
+
+
 # %% ../nbs/study.ipynb #72cee1be
 def loss_curves(root: Path, s: StudySize, every: int = 1) -> dict:  # method -> {step, fm, trd} averaged over seeds
     "Per-method flow-matching and TRD losses against the step, averaged over seeds."
@@ -1214,6 +1231,11 @@ def report_figures(
                                                     op="or", source="aligner", title=f"{r['run']}, clip {cid}, sigma 0.5")
     return figs
 
+def stage_wall(rec: dict) -> float:  # seconds
+    "A stage's wall time across its runs: the last run's, plus the training-loop time of the runs that paused before it (their set-up is not recorded)."
+    loops = rec["result"].get("loop_s", []) if isinstance(rec.get("result"), dict) else []
+    return round(rec["wall_s"] + sum(loops[:-1]), 2)
+
 def stage_report(root: Path, s: StudySize, d: Path) -> dict:
     "The table (Markdown and JSON), sample grids (PNG) and figures (plotly HTML); the wall time of every stage."
     from PIL import Image
@@ -1233,7 +1255,7 @@ def stage_report(root: Path, s: StudySize, d: Path) -> dict:
         p = next(q for q in prompts if q["id"] == p)
         Image.fromarray(sample_grid(root, runs, p["id"], s.eval_seeds[0])).save(d / f"grid_{p['id']}.png")
         grids.append(dict(file=f"grid_{p['id']}.png", prompt=p["prompt"], unseen=p["unseen"], rows=runs))
-    walls = {n: stage_result(root, n)["wall_s"] for n in STAGES if n != "report" and stage_result(root, n) is not None}
+    walls = {n: stage_wall(stage_result(root, n)) for n in STAGES if n != "report" and stage_result(root, n) is not None}
     curves = loss_curves(root, s)
     explorers = "made" if (root / "train" / "viz.json").is_file() else "not made: the train stage wrote no viz.json (it needs the cache and a trained run)"
     return dict(table=table, markdown=md, paired=paired, paired_markdown=pmd, grids=grids, walls=walls, explorers=explorers,
@@ -1241,6 +1263,80 @@ def stage_report(root: Path, s: StudySize, d: Path) -> dict:
 
 STAGE_FNS = dict(world=stage_world, text=stage_text, vae=stage_vae, encoder=stage_encoder, wan=stage_wan, cache=stage_cache,
                  stage1=stage_stage1, train=stage_train, sample=stage_sample, score=stage_score, report=stage_report)
+
+
+# %% ../nbs/study.ipynb #4e85e074
+MERGE_SHARED = ("vae", "encoder")   # stages whose records must be equal for folders to merge: one front
+REAL_RUNS = ("heldout", "reference", "step0")   # sample folders every study has (real clips, the untrained DiT): taken from the first
+
+def _merge_check(roots: list[Path]) -> dict:  # the merged size record (seeds: all of them)
+    "The study.json sizes of `roots` agree but for disjoint seeds, and their fronts are one; ValueError naming the file otherwise."
+    sizes = []
+    for r in roots:
+        f = r / "study.json"
+        if not f.is_file(): raise ValueError(f"{f}: not a study folder (no study.json)")
+        sizes.append(json.loads(f.read_text())["size"])
+        need(r, "score")
+    for r, sz in zip(roots[1:], sizes[1:]):
+        diff = sorted(k for k in set(sizes[0]) | set(sz) if k not in (*RUN_KNOBS, "seeds") and sizes[0].get(k) != sz.get(k))
+        if diff: raise ValueError(f"{r / 'study.json'}: differs from {roots[0] / 'study.json'} in {diff}; folders to merge may differ only in seeds")
+    owner = {}
+    for r, sz in zip(roots, sizes):
+        for sd in sz["seeds"]:
+            if sd in owner: raise ValueError(f"{r / 'study.json'}: seed {sd} is also in {owner[sd] / 'study.json'}; folders to merge need disjoint seeds")
+            owner[sd] = r
+    for st in MERGE_SHARED:
+        first = need(roots[0], st)[0]["result"]
+        for r in roots[1:]:
+            if need(r, st)[0]["result"] != first:
+                raise ValueError(f"{r / st / 'done.json'}: another {st} than {roots[0] / st / 'done.json'}; folders to merge need one front "
+                                 f"(carry {st}/ of the first into the others: sara-study --carry)")
+    return dict(sizes[0], seeds=sorted(owner))
+
+def _link(src: Path, dst: Path):
+    dst.parent.mkdir(parents=True, exist_ok=True); dst.symlink_to(src.resolve(), target_is_directory=src.is_dir())
+
+def merge_studies(
+    roots: list,      # study folders whose score stage has finished: the same fields but for disjoint seeds, the same vae and encoder
+    out: str | Path,  # the merged folder (new, or an earlier merge of the same folders: rebuilt)
+) -> StudySize:       # the merged size, its seeds all of the folders'
+    """One study from several folders: study.json with every seed, the joint scores (the real clips' and the untrained
+    DiT's from the first folder), links to every folder's samples and Stage 2 runs and to the first's other stages.
+    Run its report with `run_stage(out, "report", size)` (`sara-study --merge` does)."""
+    roots = [Path(r).resolve() for r in roots]
+    if len(roots) < 2: raise ValueError(f"merge_studies: {len(roots)} folder(s); give two or more")
+    size = _merge_check(roots)
+    out = Path(out).resolve()
+    rec = out / "merged.json"
+    if out.exists() and any(out.iterdir()) and not rec.is_file():
+        raise FileExistsError(f"{out}: exists and is not a merged study (no merged.json); choose a new --root")
+    tmp = out.with_name(f".{out.name}.tmp"); shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+    for st in ("world", "text", "vae", "encoder", "wan", "cache", "stage1"):   # records and inputs of the report: the first's
+        if (roots[0] / st).is_dir(): _link(roots[0] / st, tmp / st)
+    rows, fd, runs, walls = [], {}, [], {}
+    for k, r in enumerate(roots):
+        res = stage_result(r, "sample")["result"]["runs"]
+        for run in ([*REAL_RUNS] if k == 0 else []) + [x for x in res if x not in REAL_RUNS]:
+            if (r / "sample" / run).is_dir(): _link(r / "sample" / run, tmp / "sample" / run)
+        for run in [x for x in res if x not in REAL_RUNS]:
+            _link(r / "train" / "runs" / run, tmp / "train" / "runs" / run); runs.append(run)
+        walls[str(r)] = stage_result(r, "train")["result"]["wall_s"]
+        got = json.loads((r / "score" / "scores.json").read_text())
+        rows += [x for x in got if k == 0 or x["run"] not in REAL_RUNS]
+        fd.update({n: v for n, v in json.loads((r / "score" / "fd.json").read_text()).items() if k == 0 or n not in REAL_RUNS})
+    for f in ("viz.json", "viz.safetensors"):
+        if (roots[0] / "train" / f).is_file(): _link(roots[0] / "train" / f, tmp / "train" / f)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    stamp = lambda name, result: write_json(tmp / name / "done.json", dict(stage=name, size=size["name"], wall_s=0.0, result=result, device="merged", finished=now))
+    stamp("train", dict(runs=sorted(runs), wall_s={n: w for v in walls.values() for n, w in v.items()}, merged_from=[str(r) for r in roots]))
+    stamp("sample", dict(runs=["step0", *sorted(runs)], merged_from=[str(r) for r in roots]))
+    write_json(tmp / "score" / "scores.json", rows); write_json(tmp / "score" / "fd.json", fd)
+    stamp("score", dict(n_rows=len(rows), fd=fd, merged_from=[str(r) for r in roots]))
+    write_json(tmp / "study.json", dict(size=size))
+    write_json(tmp / "merged.json", dict(roots=[str(r) for r in roots], seeds=size["seeds"], made=now))
+    if out.exists(): shutil.rmtree(out)
+    os.replace(tmp, out)
+    return get_size(size["name"], **{k: v for k, v in size.items() if k != "name"})
 
 
 # %% ../nbs/study.ipynb #bfb13424
@@ -1372,8 +1468,14 @@ def study_cli(argv: list[str] | None = None):  # command-line arguments (default
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="StudySize fields to replace (JSON values)")
     ap.add_argument("--like", default="", help="a study.json (e.g. bench/study_2026-11-30/study.json): take every StudySize field from it (--set applies after)")
     ap.add_argument("--budget", type=float, default=None, help="seconds the vae and encoder training loops may run in this process (StudySize.budget_s); then they save vae/ or encoder/train_state.pt and pause (exit 3), the next run resumes")
+    ap.add_argument("--merge", default="", help="comma-separated finished study folders (the same fields but disjoint seeds, one vae and encoder): merge them into --root and run its report (other stage flags are not used)")
+    ap.add_argument("--compare", default="", help="a recorded table.json (e.g. bench/study_2026-11-30c/table.json): after the stages, is every mean of --root's report inside its interval?")
     a = ap.parse_args(argv)
     def main():
+        if a.merge:
+            s = merge_studies([r for r in a.merge.split(",") if r], a.root)
+            rec = run_stage(a.root, "report", s, force=True)
+            print(json.dumps(dict(seeds=list(s.seeds), report=str(Path(a.root) / "report"), wall_s=rec["wall_s"]))); return
         if a.unpack: print("unpacked", unpack_results(a.unpack, a.root))
         over = like_size(a.like) if a.like else {}
         for kv in a.set:
@@ -1386,6 +1488,12 @@ def study_cli(argv: list[str] | None = None):  # command-line arguments (default
         print(json.dumps({n: r["wall_s"] for n, r in recs.items()}))
         runs = None if a.pack_runs is None else [r for r in a.pack_runs.split(",") if r and r != "none"]
         if a.pack: print(pack_results(a.root, a.pack, runs=runs))
+        if a.compare:
+            need(a.root, "report")
+            cmp = compare_tables(json.loads(Path(a.compare).read_text()), json.loads((Path(a.root) / "report" / "table.json").read_text()))
+            for r in cmp:
+                if not r["inside"]: print(f"[compare] {r['method']} {r['column']}: {r['new']:.3f} outside {r['ref'][1]:.3f}..{r['ref'][2]:.3f} (recorded mean {r['ref'][0]:.3f})")
+            print(f"[compare] {sum(r['inside'] for r in cmp)} of {len(cmp)} cells inside the intervals of {a.compare}")
     run_cli("sara-study", main, failures=(ValueError, FileNotFoundError))  # exit 0 / 2 (flags) / 1 (a stage failed), one line
 
 

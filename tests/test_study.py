@@ -3,6 +3,7 @@ itself, the runs of every method see the same data, the report's table has the c
 method, and a finished study is reused (a half-written stage is redone)."""
 import json
 import math
+import re
 from pathlib import Path
 import numpy as np
 
@@ -168,3 +169,37 @@ def test_vae_and_encoder_stages_pause_and_resume(tmp_path, monkeypatch, capsys):
     shutil.copy(paused / "vae" / "train_state.pt", other / "vae" / "train_state.pt")
     with pytest.raises(ValueError, match=r"other/vae/train_state.pt: saved by a run with vae_lr=0.001, this run has vae_lr=0.002"):
         run_study(other, s, "vae", vae_lr=2e-3)
+
+
+def test_more_seeds_merge_into_one_study(study, tmp_path, capsys):
+    """A second folder with another seed and the first's VAE and encoder carried in merges with the first into one study
+    (`sara-study --merge`): its table has both seeds' samples, the paired comparison both seeds' pairs; a folder with its
+    own VAE (another front) is refused by name."""
+    import shutil
+    from sara import study as st
+    root, recs = study
+    front = tmp_path / "front"
+    for name in ("vae", "encoder"): shutil.copytree(root / name, front / name)
+    more = tmp_path / "more"
+    run_study(more, "micro", carry=front, seeds=[1])
+    assert stage_result(more, "vae")["result"] == recs["vae"]["result"]      # carried, not retrained
+    merged = tmp_path / "merged"
+    st.study_cli(["--merge", f"{root},{more}", "--root", str(merged)])
+    assert '"seeds": [0, 1]' in capsys.readouterr().out
+    s = get_size("micro")
+    n = len(json.loads((root / "world" / "heldout.json").read_text())) * len(s.eval_seeds)
+    table = {r["method"]: r for r in json.loads((merged / "report" / "table.json").read_text())}
+    assert table["real (ceiling)"]["n"] == n and all(table[m]["n"] == 2 * n for m in s.methods)
+    paired = json.loads((merged / "report" / "paired.json").read_text())
+    assert {r["n"] for r in paired} == {2 * n} and all(set(r["by_seed"]) == {"0", "1"} for r in paired)
+    # the second seed as a rerun of the first: --compare reads its table against the first's intervals, cell by cell
+    st.study_cli(["--size", "micro", "--root", str(more), "--stage", "report", "--set", "seeds=[1]", "--compare", str(root / "report" / "table.json")])
+    out = capsys.readouterr().out
+    assert re.search(r"\[compare\] \d+ of 28 cells inside the intervals of ", out), out   # 4 rows x 7 columns
+    own = tmp_path / "own"                      # a copy of the second folder as seed 2, with a VAE record of its own: another front
+    shutil.copytree(more, own)
+    meta = json.loads((own / "study.json").read_text()); meta["size"]["seeds"] = [2]; (own / "study.json").write_text(json.dumps(meta))
+    rec = json.loads((own / "vae" / "done.json").read_text()); rec["result"]["psnr_heldout"] += 1.0
+    (own / "vae" / "done.json").write_text(json.dumps(rec))
+    with pytest.raises(SystemExit) as e: st.study_cli(["--merge", f"{root},{own}", "--root", str(tmp_path / "m2")])
+    assert e.value.code == 1 and "another vae" in capsys.readouterr().err and not (tmp_path / "m2").exists()
