@@ -1102,14 +1102,14 @@ def study_paired(
     as independent (`sara.evaluate.paired_bootstrap`; smaller than a seed-level test would give)."""
     from sara.evaluate import paired_bootstrap
     key = lambda r: (_train_seed(r["run"]), r["prompt_id"], r["seed"])
-    scored = lambda m: sorted({r["method"] for r in rows})
+    scored = sorted({r["method"] for r in rows})
     base = [r for r in rows if r["method"] == baseline]
-    if not base: raise ValueError(f"study_paired: no scored sample of the baseline {baseline!r}; methods scored: {scored(0)}")
+    if not base: raise ValueError(f"study_paired: no scored sample of the baseline {baseline!r}; methods scored: {scored}")
     out = []
     for m in methods:
         if m == baseline: continue
         rs = [r for r in rows if r["method"] == m]
-        if not rs: raise ValueError(f"study_paired: no scored sample of method {m!r}; methods scored: {scored(0)}")
+        if not rs: raise ValueError(f"study_paired: no scored sample of method {m!r}; methods scored: {scored}")
         for k in METRICS:
             a, b = {key(r): r[k] for r in rs if k in r}, {key(r): r[k] for r in base if k in r}
             ks = sorted(set(a) & set(b), key=str)
