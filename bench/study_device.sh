@@ -3,7 +3,10 @@
 #   bench/study_device.sh sweep    recipe sweep (bench/study_sweep.py: VAE and encoder recipes spread over the GPUs),
 #                                  then the study's world, text, vae, encoder, wan, cache and stage1 with the chosen recipes
 #   bench/study_device.sh stage2   Stage 2 (every method and seed, 6 runs per GPU) and sampling; packs the records and
-#                                  samples into $OUT (scoring and the report run on any CPU: sara-study --unpack)
+#                                  samples into $OUT (scoring and the report run on any CPU: sara-study --unpack). Stopped
+#                                  at TRAIN_S (timeout kills the stage's run processes too), run stage2 again on the warm
+#                                  machine: finished runs are kept, the others resume from their last checkpoint
+#                                  (StudySize.train_ckpt_every, 200 steps), exactly.
 # CARRY: finished world/ (scenes.json) and text/ (the MiniLM table, built where MiniLM is installed).
 # WHL: wheels of what the device image lacks (diffusers, av, importlib_metadata, fastcore for its python).
 # GPUS: the sweep's round-robin list (e.g. 0,1,1,1: the first recipe, the VAE, alone on GPU 0).

@@ -79,6 +79,7 @@ class StudySize:
     dit_ffn: int = 1024          # DiT feed-forward width
     stage1_steps: int = 400      # Stage 1 steps of each head
     train_steps: int = 800       # Stage 2 steps (every method, every seed; 400 in part 3, where all 21 runs took 3 minutes on 2 GPUs)
+    train_ckpt_every: int = 200  # run knob: each Stage 2 run saves its full state every N steps (sara.train, exact resume), so a train stage killed at a device call's limit resumes every unfinished run from its last checkpoint (0: never)
     train_batch: int = 64        # Stage 2 clips per step (64 from the third device run on: a 7 M-parameter DiT step is far from compute-bound on an H200)
     train_lr: float = 3e-4       # Stage 2 learning rate (every method)
     warmup: int = 50             # Stage 2 linear warm-up steps
@@ -99,7 +100,7 @@ SIZES = {
                        probe_clips=8, vae_base_dim=4, vae_z_dim=4, vae_steps=2, vae_batch=1, enc_hidden=32, enc_layers=1,
                        enc_heads=2, enc_steps=4, enc_batch=4, probe_steps=20, dit_heads=2, dit_head_dim=16, dit_layers=2,
                        dit_ffn=64, stage1_steps=10, train_steps=4, train_batch=4, warmup=0, block=1,
-                       methods=("sft", "sara"), seeds=(0,), workers=1, sample_steps=2),
+                       methods=("sft", "sara"), seeds=(0,), workers=1, sample_steps=2, train_ckpt_every=0),
 }
 
 # what each method of the study runs through sara.train (RunConfig fields)
@@ -160,7 +161,7 @@ def need(root: str | Path, *names: str) -> list[dict]:  # their done.json record
         out.append(r)
     return out
 
-RUN_KNOBS = ("workers", "budget_s")  # StudySize fields that change how a stage runs, not what it computes
+RUN_KNOBS = ("workers", "budget_s", "train_ckpt_every")  # StudySize fields that change how a stage runs, not what it computes
 
 def run_stage(
     root: str | Path,   # the study folder (one sub-folder per stage)
@@ -844,16 +845,19 @@ def stage_stage1(root: Path, s: StudySize, d: Path) -> dict:
 
 # %% ../nbs/study.ipynb #2bb28dff
 def run_params(root: Path, s: StudySize, key: str, seed: int, device: str = "auto") -> dict:
-    "RunConfig parameters of one Stage 2 run: the method's fields, the rest shared by every method."
+    """RunConfig parameters of one Stage 2 run: the method's fields, the rest shared by every method. A run folder that
+    holds checkpoints of a killed run resumes from the latest (`sara.train` resumes exactly: same data order, noise, result)."""
     cp = cache_params(root, s)
+    ck = root / "train" / "runs" / f"{key}_s{seed}" / "checkpoints"
+    resume = "latest" if ck.is_dir() and any(ck.iterdir()) else ""
     dev = "cuda" if (device == "auto" and torch.cuda.is_available()) else ("cpu" if device == "auto" else device)
     return dict(run_name=f"{key}_s{seed}", **METHODS[key], lam=s.lam, block=s.block, steps=s.train_steps,
                 batch_size=s.train_batch, lr=s.train_lr, warmup_steps=s.warmup, seed=seed, n_frames=s.n_frames, fps=FPS,
                 height=s.size, width=s.size, mixed_precision="bf16" if dev == "cuda" else "no", device=dev,
-                log_every=max(1, s.train_steps // 100), checkpoint_every=0, cache=str((root / "cache" / "toy").resolve()),
+                log_every=max(1, s.train_steps // 100), checkpoint_every=s.train_ckpt_every, cache=str((root / "cache" / "toy").resolve()),
                 runs_dir=str(root / "train" / "runs"), data_root=cp["data_root"], manifest=cp["manifest"],
                 cache_dir=cp["cache_dir"], wan_model=cp["wan_model"], vfm_model=cp["vfm_model"], text_model="minilm",
-                overwrite=True)
+                overwrite=True, resume=resume)
 
 def run_finished(run_dir: Path) -> bool:  # did this run export its weights and record its wall time?
     "A run is finished when its weights export and its wall-time record exist."

@@ -203,3 +203,33 @@ def test_more_seeds_merge_into_one_study(study, tmp_path, capsys):
     (own / "vae" / "done.json").write_text(json.dumps(rec))
     with pytest.raises(SystemExit) as e: st.study_cli(["--merge", f"{root},{own}", "--root", str(tmp_path / "m2")])
     assert e.value.code == 1 and "another vae" in capsys.readouterr().err and not (tmp_path / "m2").exists()
+
+
+def test_killed_stage2_run_resumes_exactly(study, tmp_path):
+    """With `train_ckpt_every`, a Stage 2 run killed part-way (its checkpoints on disk, no export) resumes from its latest
+    checkpoint when the train stage runs again (the next device call), and ends with the weights of a run never stopped."""
+    import shutil
+    import torch
+    from safetensors.torch import load_file
+    from sara import study as st
+    from sara.config import make_config
+    from sara.train import train
+    root, recs = study
+    s = get_size("micro", train_ckpt_every=1)
+    front = tmp_path / "front"
+    for name in ("world", "text", "vae", "encoder"): shutil.copytree(root / name, front / name)
+    more = tmp_path / "more"
+    run_study(more, s, "world,text,vae,encoder,wan,cache,stage1", carry=front)     # the front carried; wan, cache, stage1 rebuilt
+    cfg = make_config(st.run_params(more, s, "sara", 0))
+    train(cfg, progress=False, stop_after=2)                                       # killed after 2 of the 4 steps
+    assert not st.run_finished(Path(cfg.run_dir)) and (Path(cfg.run_dir) / "checkpoints").is_dir()
+    assert st.run_params(more, s, "sara", 0)["resume"] == "latest" and st.run_params(more, s, "sft", 0)["resume"] == ""
+    assert st.run_params(more, s, "sft", 0)["checkpoint_every"] == 1
+    run_study(more, s, "train")
+    steps = [json.loads(line)["step"] for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, s.train_steps + 1))
+    assert not list(Path(cfg.run_dir).glob("previous-*"))    # resumed in place: a fresh start would have moved steps 1-2 aside
+    for run in ("sara_s0", "sft_s0"):   # the same weights as the fixture's runs, trained without a stop or a checkpoint
+        a = load_file(str(root / "train" / "runs" / run / "checkpoint" / "transformer.safetensors"))
+        b = load_file(str(more / "train" / "runs" / run / "checkpoint" / "transformer.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
