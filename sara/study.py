@@ -1498,7 +1498,7 @@ def study_cli(argv: list[str] | None = None):  # command-line arguments (default
             for r in cmp:
                 if not r["inside"]: print(f"[compare] {r['method']} {r['column']}: {r['new']:.3f} outside {r['ref'][1]:.3f}..{r['ref'][2]:.3f} (recorded mean {r['ref'][0]:.3f})")
             print(f"[compare] {sum(r['inside'] for r in cmp)} of {len(cmp)} cells inside the intervals of {a.compare}")
-    run_cli("sara-study", main, failures=(ValueError, FileNotFoundError))  # exit 0 / 2 (flags) / 1 (a stage failed), one line
+    run_cli("sara-study", main, failures=(ValueError, FileNotFoundError, FileExistsError))  # exit 0 / 2 (flags) / 1 (a stage failed), one line
 
 
 

@@ -196,6 +196,9 @@ def test_more_seeds_merge_into_one_study(study, tmp_path, capsys):
     st.study_cli(["--size", "micro", "--root", str(more), "--stage", "report", "--set", "seeds=[1]", "--compare", str(root / "report" / "table.json")])
     out = capsys.readouterr().out
     assert re.search(r"\[compare\] \d+ of 28 cells inside the intervals of ", out), out   # 4 rows x 7 columns
+    mine = tmp_path / "mine"; mine.mkdir(); (mine / "notes.txt").write_text("a user's file")   # not a merged study: refused, kept
+    with pytest.raises(SystemExit) as e: st.study_cli(["--merge", f"{root},{more}", "--root", str(mine)])
+    assert e.value.code == 1 and "not a merged study" in capsys.readouterr().err and (mine / "notes.txt").is_file()
     own = tmp_path / "own"                      # a copy of the second folder as seed 2, with a VAE record of its own: another front
     shutil.copytree(more, own)
     meta = json.loads((own / "study.json").read_text()); meta["size"]["seeds"] = [2]; (own / "study.json").write_text(json.dumps(meta))
