@@ -1259,7 +1259,7 @@ def stage_report(root: Path, s: StudySize, d: Path) -> dict:
         p = next(q for q in prompts if q["id"] == p)
         Image.fromarray(sample_grid(root, runs, p["id"], s.eval_seeds[0])).save(d / f"grid_{p['id']}.png")
         grids.append(dict(file=f"grid_{p['id']}.png", prompt=p["prompt"], unseen=p["unseen"], rows=runs))
-    walls = {n: stage_wall(stage_result(root, n)) for n in STAGES if n != "report" and stage_result(root, n) is not None}
+    walls = {n: stage_wall(r) for n in STAGES if n != "report" and (r := stage_result(root, n)) is not None}
     curves = loss_curves(root, s)
     explorers = "made" if (root / "train" / "viz.json").is_file() else "not made: the train stage wrote no viz.json (it needs the cache and a trained run)"
     return dict(table=table, markdown=md, paired=paired, paired_markdown=pmd, grids=grids, walls=walls, explorers=explorers,
@@ -1324,7 +1324,7 @@ def merge_studies(
             if (r / "sample" / run).is_dir(): _link(r / "sample" / run, tmp / "sample" / run)
         for run in [x for x in res if x not in REAL_RUNS]:
             _link(r / "train" / "runs" / run, tmp / "train" / "runs" / run); runs.append(run)
-        walls[str(r)] = stage_result(r, "train")["result"]["wall_s"]
+        walls.update(stage_result(r, "train")["result"]["wall_s"])   # run -> seconds
         got = json.loads((r / "score" / "scores.json").read_text())
         rows += [x for x in got if k == 0 or x["run"] not in REAL_RUNS]
         fd.update({n: v for n, v in json.loads((r / "score" / "fd.json").read_text()).items() if k == 0 or n not in REAL_RUNS})
@@ -1332,7 +1332,7 @@ def merge_studies(
         if (roots[0] / "train" / f).is_file(): _link(roots[0] / "train" / f, tmp / "train" / f)
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     stamp = lambda name, result: write_json(tmp / name / "done.json", dict(stage=name, size=size["name"], wall_s=0.0, result=result, device="merged", finished=now))
-    stamp("train", dict(runs=sorted(runs), wall_s={n: w for v in walls.values() for n, w in v.items()}, merged_from=[str(r) for r in roots]))
+    stamp("train", dict(runs=sorted(runs), wall_s=walls, merged_from=[str(r) for r in roots]))
     stamp("sample", dict(runs=["step0", *sorted(runs)], merged_from=[str(r) for r in roots]))
     write_json(tmp / "score" / "scores.json", rows); write_json(tmp / "score" / "fd.json", fd)
     stamp("score", dict(n_rows=len(rows), fd=fd, merged_from=[str(r) for r in roots]))
