@@ -12,7 +12,9 @@
 # GPUS: the sweep's round-robin list (e.g. 0,1,1,1: the first recipe, the VAE, alone on GPU 0).
 # On a machine without the study's front (a fresh one, or R gone), stage2 builds it from carried finished stages:
 # FRONT: a folder of finished stage folders (vae/ and encoder/ of a recorded study, e.g. part 5's: the costly and
-#        non-deterministic stages; world, wan, cache and Stage 1 are rebuilt from them and CARRY's world and text),
+#        non-deterministic stages; world, wan, cache and Stage 1 are rebuilt from them and CARRY's world and text; or
+#        a whole study folder on this warm machine, e.g. FRONT=/tmp/study R=/tmp/more SET='seeds=[3,4,5]': its
+#        text/, vae/ and encoder/ are taken, nothing else),
 # LIKE:  the study.json whose fields to take, SET: fields to replace after it (e.g. SET='seeds=[3,4,5]': more seeds
 #        of the same front, merged here with `sara-study --merge`);
 # BACK:  or the sweep part's returned files (chosen.json, chosen.tgz): its chosen recipes are the front.
@@ -39,7 +41,11 @@ case $PART in
   stage2)
     if [ ! -f $R/stage1/done.json ] && [ -n "$FRONT" ]; then   # the front from carried finished stages, the world and text from CARRY
       [ -d "$FRONT/vae" ] && [ -n "$LIKE" ] || { echo "FRONT=$FRONT has no vae/ or LIKE is empty"; exit 1; }
-      rm -rf /tmp/front && mkdir -p /tmp/front && { [ -z "$CARRY" ] || cp -r $CARRY/. /tmp/front/; } && cp -r $FRONT/. /tmp/front/ || exit 1
+      rm -rf /tmp/front && mkdir -p /tmp/front && { [ -z "$CARRY" ] || cp -r $CARRY/. /tmp/front/; } || exit 1
+      for st in text vae encoder; do   # of a whole study folder as FRONT (e.g. /tmp/study for more seeds) only what does
+        [ ! -d "$FRONT/$st" ] || { rm -rf /tmp/front/$st && cp -r "$FRONT/$st" /tmp/front/; } || exit 1   # not name its folder:
+      done   # world's manifest, wan, cache and stage1 record their paths (a cache made elsewhere refuses this wan_model), and
+             # its finished train/ and sample/ would skip the new seeds; they are rebuilt here
       front /tmp/front ${FRONT_S:-200} --like $LIKE ${SET:+--set $SET}
     elif [ ! -f $R/stage1/done.json ]; then   # the front from the sweep's files
       mkdir -p /tmp/back && tar xzf $BACK/chosen.tgz -C /tmp/back && cp -r $CARRY/text /tmp/back/chosen/

@@ -53,9 +53,9 @@ class StudySize:
     manifest_clips: int = 768    # training clips written to disk for sara.precompute (and Stage 1 / 2)
     heldout_prompts: int = 24    # held-out prompts (half of them with a colour-shape combination never seen in training)
     probe_clips: int = 192       # clips of the linear probe (half train, half test)
-    vae_base_dim: int = 24       # AutoencoderKLWan base_dim
+    vae_base_dim: int = 48       # AutoencoderKLWan base_dim (part 6: 48 and 32 trained side by side for the same wall time, 48 chosen by the rule fixed before: 31.74 against 31.64 dB; 24, part 5: 29.24 dB in 2500 steps)
     vae_z_dim: int = 16          # latent channels
-    vae_steps: int = 2500        # VAE optimisation steps (1500 reached 28.5 dB in part 1 with the MSE still falling; 2500 is about 680 s on an H200: two device calls, the stage paused and resumed with `budget_s`)
+    vae_steps: int = 3550        # VAE optimisation steps (part 6: 1100 s of loop at base 48's measured 0.308 s/step on an H200, three device calls, the stage paused and resumed with `budget_s`; part 5's 2500 at base 24 reached 29.24 dB)
     vae_batch: int = 8           # clips per VAE step
     vae_lr: float = 1e-3         # VAE AdamW learning rate (cosine decay)
     vae_frames: int = 0          # frames of each VAE training clip (4k+1, a random window of the clip; 0 = n_frames; default 0: 5-frame windows reconstructed 17-frame clips at 20.8 dB against 28.5 for full clips, bench/README.md part 3)
@@ -1448,6 +1448,10 @@ def unpack_results(
         with tarfile.open(fileobj=_Chain(parts), mode="r|") as tar: tar.extractall(root, filter="data")
     return [p.name for p in names + parts]
 
+def _like_name(path: str | Path) -> str:  # the size name a study.json records (a known one), else "default"
+    n = json.loads(Path(path).read_text()).get("size", {}).get("name")
+    return n if n in SIZES else "default"
+
 def like_size(path: str | Path) -> dict:  # StudySize fields (all but name and the run knobs)
     "The size fields of a study folder's `study.json` (to rerun that study exactly); ValueError naming the file otherwise."
     try: size = json.loads(Path(path).read_text())["size"]
@@ -1463,7 +1467,7 @@ def study_cli(argv: list[str] | None = None):  # command-line arguments (default
     ap = OneLineParser("sara-study", allow_abbrev=False, description="The controlled toy-world study of SARA (issue 13): one folder per stage, resumable")
     ap.add_argument("--stage", default="all", help=f"all, or a comma-separated list of: {', '.join(STAGES)}")
     ap.add_argument("--root", required=True, help="the study folder")
-    ap.add_argument("--size", default="default", choices=sorted(SIZES))
+    ap.add_argument("--size", default=None, choices=sorted(SIZES), help="the study size (default: the one --like records, else default)")
     ap.add_argument("--force", action="store_true", help="redo finished stages")
     ap.add_argument("--carry", default="", help="folder of finished stage folders to copy in first")
     ap.add_argument("--pack", default="", help="after the stages, write the artifacts as archives into this folder")
@@ -1487,7 +1491,8 @@ def study_cli(argv: list[str] | None = None):  # command-line arguments (default
             try: over[k] = json.loads(v)
             except json.JSONDecodeError: over[k] = v
         if a.budget is not None: over["budget_s"] = a.budget
-        try: recs = run_study(a.root, get_size(a.size, **over), a.stage, a.force, a.carry or None)   # `size` is also a field
+        name = a.size or (_like_name(a.like) if a.like else "default")   # a micro study's --like is a micro study
+        try: recs = run_study(a.root, get_size(name, **over), a.stage, a.force, a.carry or None)   # `size` is also a field
         except StagePaused as e: print(f"[study] {e}"); raise SystemExit(3) from None
         print(json.dumps({n: r["wall_s"] for n, r in recs.items()}))
         runs = None if a.pack_runs is None else [r for r in a.pack_runs.split(",") if r and r != "none"]

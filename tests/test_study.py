@@ -236,3 +236,20 @@ def test_killed_stage2_run_resumes_exactly(study, tmp_path):
         a = load_file(str(root / "train" / "runs" / run / "checkpoint" / "transformer.safetensors"))
         b = load_file(str(more / "train" / "runs" / run / "checkpoint" / "transformer.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
+
+
+def test_vae_step_time_bench_writes_its_json(tmp_path):
+    """bench/vae_step_time.py (the probe that fixes the VAE race's steps, part 6) at micro size: a table row and a JSON
+    entry per width x batch, positive seconds per step; an unknown --like file is refused by name."""
+    import subprocess, sys
+    out = tmp_path / "step.json"
+    r = subprocess.run([sys.executable, "bench/vae_step_time.py", "--size", "micro", "--bases", "4,6", "--batches", "1",
+                        "--short", "1", "--long", "2", "--repeat", "1", "--warmup", "1", "--clips", "2", "--json", str(out)],
+                       capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert sorted(got) == ["4x1", "6x1"] and all(v > 0 for v in got.values())
+    assert len([l for l in r.stdout.splitlines() if re.match(r"\| [46] \| 1 \|", l)]) == 2
+    bad = subprocess.run([sys.executable, "bench/vae_step_time.py", "--size", "micro", "--like", str(tmp_path / "none.json")],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert bad.returncode != 0 and "none.json" in bad.stderr
