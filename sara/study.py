@@ -177,7 +177,8 @@ def run_stage(
         old, new = json.loads(meta.read_text())["size"], json.loads(json.dumps(asdict(size)))
         if any(old.get(k) != new.get(k) for k in set(old) | set(new) if k not in RUN_KNOBS):
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RUN_KNOBS)
-            raise ValueError(f"{meta}: this study folder was made with another size (differs in {diff}); use another --root")
+            raise ValueError(f"{meta}: this study folder was made with another size (differs in {diff}); use another --root, "
+                             f"or take its own fields: --like {meta} (papermill: -p like {meta})")
     else: write_json(meta, dict(size=asdict(size)))
     done = stage_result(root, name)
     if done is not None and not force:

@@ -94,7 +94,8 @@ def test_finished_study_is_reused_and_half_written_stage_redone(study):
     again = run_study(root, "micro")
     for name in STAGES[:-1]: assert again[name]["finished"] == recs[name]["finished"]   # skipped, not redone
     assert not (root / "report" / "stale.txt").exists() and stage_result(root, "report") is not None
-    with pytest.raises(ValueError, match="another size"): run_study(root, "micro", "report", train_steps=5)
+    with pytest.raises(ValueError, match=r"another size \(differs in \['train_steps'\]\).*--like .*study\.json"):   # names the fix
+        run_study(root, "micro", "report", train_steps=5)
 
 
 def test_pack_carries_run_weights_to_another_machine(study, tmp_path):
