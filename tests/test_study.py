@@ -254,3 +254,18 @@ def test_vae_step_time_bench_writes_its_json(tmp_path):
     bad = subprocess.run([sys.executable, "bench/vae_step_time.py", "--size", "micro", "--like", str(tmp_path / "none.json")],
                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert bad.returncode != 0 and "none.json" in bad.stderr
+
+
+def test_vae_recon_figure(study, tmp_path):
+    "bench/vae_recon_figure.py on the micro study's VAE and world: a PNG of real and reconstructed rows; a clip out of range is refused by name."
+    import importlib.util
+    from PIL import Image
+    spec = importlib.util.spec_from_file_location("vae_recon_figure", Path(__file__).parents[1] / "bench" / "vae_recon_figure.py")
+    fig = importlib.util.module_from_spec(spec); spec.loader.exec_module(fig)
+    root, _ = study
+    out = tmp_path / "rec.png"
+    fig.main(["--vae", str(root / "vae" / "vae"), "--world", str(root / "world"), "--clips", "0", "--frames", "0,1", "--out", str(out)])
+    s = get_size("micro")
+    assert Image.open(out).size == (2 * (s.size + 4) + 4, 2 * s.size + 3 * 4 + 12) and not list(tmp_path.glob("*.tmp.png"))
+    with pytest.raises(SystemExit, match=r"out of range for .*world \(2 clips of 5 frames\): \[99, 8, 12, 16\]"):
+        fig.main(["--vae", str(root / "vae" / "vae"), "--world", str(root / "world"), "--clips", "99", "--out", str(out)])
