@@ -29,17 +29,18 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'TRAIN_STATE', 'WORLD_FIELDS', 'IMAGENET_MEAN', 'IMAGENET_STD',
-           'METRICS', 'STAGE_FNS', 'MERGE_SHARED', 'REAL_RUNS', 'StudySize', 'get_size', 'write_json', 'stage_result',
-           'need', 'run_stage', 'world_seeds', 'train_frames', 'world_scenes', 'scene_prompts', 'stage_world',
-           'TextTable', 'make_text_table', 'stage_text', 'vae_config', 'psnr', 'reconstruct', 'StagePaused',
-           'train_recipe', 'Resumable', 'finish_state', 'train_vae', 'stage_vae', 'encoder_config', 'tube_mask',
-           'jepa_loss', 'pretrain_encoder', 'stage_encoder', 'token_labels', 'linear_probe', 'probe_encoders',
-           'pairs_in_time', 'probe_tokens', 'random_encoder', 'probe_encoder', 'probe_recipe', 'dit_config',
-           'stage_wan', 'cache_params', 'stage_cache', 'stage_stage1', 'run_params', 'run_finished', 'gpu_slots',
-           'visible_gpu', 'write_viz', 'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score',
-           'viz_inputs', 'cluster_bootstrap', 'study_paired', 'paired_markdown', 'study_table', 'table_markdown',
-           'compare_tables', 'loss_curves', 'sample_grid', 'report_figures', 'stage_wall', 'stage_report',
-           'merge_studies', 'run_study', 'pack_results', 'unpack_results', 'like_size', 'study_cli']
+           'LAUNCH', 'METRICS', 'STAGE_FNS', 'MERGE_SHARED', 'REAL_RUNS', 'StudySize', 'get_size', 'write_json',
+           'stage_result', 'need', 'run_stage', 'world_seeds', 'train_frames', 'world_scenes', 'scene_prompts',
+           'stage_world', 'TextTable', 'make_text_table', 'stage_text', 'vae_config', 'psnr', 'reconstruct',
+           'StagePaused', 'train_recipe', 'Resumable', 'finish_state', 'train_vae', 'stage_vae', 'encoder_config',
+           'tube_mask', 'jepa_loss', 'pretrain_encoder', 'stage_encoder', 'token_labels', 'linear_probe',
+           'probe_encoders', 'pairs_in_time', 'probe_tokens', 'random_encoder', 'probe_encoder', 'probe_recipe',
+           'dit_config', 'stage_wan', 'cache_params', 'stage_cache', 'stage_stage1', 'run_params', 'run_finished',
+           'gpu_slots', 'visible_gpu', 'begin_process', 'end_process', 'write_viz', 'stage_train', 'load_study_run',
+           'stage_sample', 'clip_features', 'stage_score', 'viz_inputs', 'cluster_bootstrap', 'study_paired',
+           'paired_markdown', 'study_table', 'table_markdown', 'compare_tables', 'loss_curves', 'sample_grid',
+           'report_figures', 'stage_wall', 'stage_report', 'merge_studies', 'run_study', 'pack_results',
+           'unpack_results', 'like_size', 'study_cli']
 
 # %% ../nbs/study.ipynb #dc2a3666
 @dataclass(frozen=True)
@@ -890,20 +891,40 @@ def _env(gpu: int | None = None, workers: int = 1) -> dict:
     if gpu is not None: env["CUDA_VISIBLE_DEVICES"] = visible_gpu(gpu)
     return env
 
+LAUNCH = "launch.json"   # a Stage 2 run's process in progress: its start and the walls of the run's earlier, killed processes
+
+def begin_process(run_dir: Path) -> list[float]:  # seconds of the run's earlier processes that were killed (a resumed run)
+    """Record that a process of this run starts. A `launch.json` left behind means the last process was killed (a
+    device call's limit): its wall is taken from its recorded start to the last write of its `log.txt`."""
+    f, log = run_dir / LAUNCH, run_dir / "log.txt"
+    parts = []
+    if f.is_file():
+        rec = json.loads(f.read_text())
+        end = log.stat().st_mtime if log.is_file() else rec["started"]
+        parts = [*rec["parts"], round(max(0.0, end - rec["started"]), 2)]
+    write_json(f, dict(started=time.time(), parts=parts))
+    return parts
+
+def end_process(run_dir: Path, parts: list[float], wall: float) -> dict:  # the run's wall.json record
+    "A finished run's wall time: every process's (killed ones first), summed; `launch.json` removed."
+    rec = write_json(run_dir / "wall.json", dict(wall_s=round(sum(parts) + wall, 2), processes=[*parts, round(wall, 2)]))
+    (run_dir / LAUNCH).unlink(missing_ok=True)
+    return json.loads(rec.read_text())
+
 def _launch_run(args) -> dict:
     argv, run_dir, slots, workers = args
     run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     gpu = slots.get()
     try:
-        with open(run_dir / "log.txt", "w") as log:
+        parts = begin_process(run_dir); t0 = time.perf_counter()
+        with open(run_dir / "log.txt", "a") as log:   # appended: a resumed run keeps the log of the process that was killed
+            log.write(f"=== sara-train, process {len(parts) + 1} of this run, {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n"); log.flush()
             rc = subprocess.run([sys.executable, "-m", "sara.train", *argv], stdout=log, stderr=subprocess.STDOUT,
                                 env=_env(gpu, workers)).returncode
     finally: slots.put(gpu)
-    wall = round(time.perf_counter() - t0, 2)
+    wall = time.perf_counter() - t0
     if rc != 0: raise RuntimeError(f"run {run_dir.name} failed (exit {rc}); see {run_dir / 'log.txt'}:\n" + (run_dir / "log.txt").read_text()[-2000:])
-    write_json(run_dir / "wall.json", dict(wall_s=wall))
-    return dict(run=run_dir.name, wall_s=wall)
+    return dict(run=run_dir.name, **end_process(run_dir, parts, wall))
 
 def write_viz(root: Path, s: StudySize, d: Path) -> Path:  # d / "viz.json"
     "The explorers' inputs (`viz_inputs`: real clips of the cache, the aligner's saliency, a trained run's tokens) into `d`."
@@ -929,9 +950,10 @@ def stage_train(root: Path, s: StudySize, d: Path) -> dict:
     else:               # one at a time through the python API (what the CPU micro study does)
         from sara.train import train
         for _, rd, cfg in jobs:
-            t0 = time.perf_counter()
+            Path(rd).mkdir(parents=True, exist_ok=True)
+            parts = begin_process(Path(rd)); t0 = time.perf_counter()
             train(cfg, progress=False)
-            write_json(Path(rd) / "wall.json", dict(wall_s=round(time.perf_counter() - t0, 2)))
+            end_process(Path(rd), parts, time.perf_counter() - t0)
     write_viz(root, s, d)   # the explorers' inputs need the cache and a trained run: made where both are
     walls = {}
     for key in s.methods:

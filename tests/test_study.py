@@ -269,3 +269,35 @@ def test_vae_recon_figure(study, tmp_path):
     assert Image.open(out).size == (2 * (s.size + 4) + 4, 2 * s.size + 3 * 4 + 12) and not list(tmp_path.glob("*.tmp.png"))
     with pytest.raises(SystemExit, match=r"out of range for .*world \(2 clips of 5 frames\): \[99, 8, 12, 16\]"):
         fig.main(["--vae", str(root / "vae" / "vae"), "--world", str(root / "world"), "--clips", "99", "--out", str(out)])
+
+
+def test_stage2_processes_append_log_and_sum_walls(study, tmp_path):
+    """Stage 2 through `sara-train` processes (workers > 1, the device path) on the CPU. A run whose earlier process was
+    killed (a `launch.json` left behind, its log last written 40 s after its start) is run again: its wall.json counts
+    both processes, and its log keeps the killed process's lines above the new process's header."""
+    import os
+    import shutil
+    import time
+    from sara import study as st
+    root, _ = study
+    s = get_size("micro", workers=2)
+    front = tmp_path / "front"
+    for name in ("world", "text", "vae", "encoder"): shutil.copytree(root / name, front / name)
+    more = tmp_path / "more"
+    run_study(more, s, "world,text,vae,encoder,wan,cache,stage1", carry=front)
+    killed = more / "train" / "runs" / f"{s.methods[0]}_s{s.seeds[0]}"
+    killed.mkdir(parents=True)
+    started = time.time() - 100
+    (killed / st.LAUNCH).write_text(json.dumps(dict(started=started, parts=[])))
+    (killed / "log.txt").write_text("the killed process's last line\n"); os.utime(killed / "log.txt", (started + 40, started + 40))
+    rec = run_study(more, s, "train")["train"]
+    assert rec["result"]["launched"] == len(s.methods) * len(s.seeds)
+    w = json.loads((killed / "wall.json").read_text())
+    assert len(w["processes"]) == 2 and abs(w["processes"][0] - 40) < 0.01 and abs(w["wall_s"] - sum(w["processes"])) < 0.02
+    log = (killed / "log.txt").read_text()
+    assert log.startswith("the killed process's last line\n=== sara-train, process 2 of this run")
+    assert not (killed / st.LAUNCH).exists()
+    other = more / "train" / "runs" / f"{s.methods[1]}_s{s.seeds[0]}"   # a fresh run: one process
+    assert len(json.loads((other / "wall.json").read_text())["processes"]) == 1
+    assert (other / "log.txt").read_text().startswith("=== sara-train, process 1 of this run")
+    assert rec["result"]["wall_s"][killed.name] == w["wall_s"]
