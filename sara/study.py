@@ -895,12 +895,12 @@ LAUNCH = "launch.json"   # a Stage 2 run's process in progress: its start and th
 
 def begin_process(run_dir: Path) -> list[float]:  # seconds of the run's earlier processes that were killed (a resumed run)
     """Record that a process of this run starts. A `launch.json` left behind means the last process was killed (a
-    device call's limit): its wall is taken from its recorded start to the last write of its `log.txt`."""
-    f, log = run_dir / LAUNCH, run_dir / "log.txt"
+    device call's limit): its wall is taken from its recorded start to the last write of its `log.txt` or `metrics.jsonl`."""
+    f = run_dir / LAUNCH
     parts = []
     if f.is_file():
         rec = json.loads(f.read_text())
-        end = log.stat().st_mtime if log.is_file() else rec["started"]
+        end = max([rec["started"]] + [p.stat().st_mtime for p in (run_dir / "log.txt", run_dir / "metrics.jsonl") if p.is_file()])
         parts = [*rec["parts"], round(max(0.0, end - rec["started"]), 2)]
     write_json(f, dict(started=time.time(), parts=parts))
     return parts
