@@ -65,3 +65,19 @@ def test_a_page_must_hold_every_section_of_its_notebook(tmp_path, monkeypatch):
     assert "lacks the sections ['Running a job', 'sam2: box prompts']" in docs.check([tmp_path / "index.ipynb"], out, {})[0]
     (out / "index.html").write_text("<h2>Running a job</h2><h3><code>sam2</code>: <a href='#x'>box</a> prompts</h3>")
     assert docs.check([tmp_path / "index.ipynb"], out, {}) == []
+
+
+def test_pictures_linked_by_relative_path_are_copied_in_and_checked(tmp_path, monkeypatch):
+    "The README's figure (a path relative to the repository) must reach the site: copied in, and a missing one fails the check."
+    repo, out, stage = tmp_path / "repo", tmp_path / "site", tmp_path / "stage"
+    (repo / "bench" / "x").mkdir(parents=True); out.mkdir(); stage.mkdir()
+    (repo / "bench" / "x" / "fig.png").write_bytes(b"\x89PNG")
+    monkeypatch.setattr(docs, "ROOT", repo); monkeypatch.setattr(docs, "NBS", repo / "nbs"); monkeypatch.setattr(docs, "STAGE", stage)
+    page = out / "index.html"
+    page.write_text('<p><img alt="a figure" src="bench/x/fig.png"></p><img src="https://e.org/a.png"><img src="data:image/png;base64,AA">'
+                    '<img alt="gone" src="bench/x/none.png">')
+    assert docs.local_images(page) == ["bench/x/fig.png", "bench/x/none.png"]
+    assert docs.copy_images(out) == ["bench/x/fig.png"] and (out / "bench" / "x" / "fig.png").read_bytes() == b"\x89PNG"
+    (stage / "index.ipynb").write_text(json.dumps(_nb("x = 1")))
+    problems = docs.check([Path("index.ipynb")], out, {"index.ipynb": False})
+    assert problems == [f"index.ipynb: its page {page} shows pictures not in the site: ['bench/x/none.png']"]

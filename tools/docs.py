@@ -10,7 +10,11 @@ as HTML; the others are rendered from their source. Then:
   notebook with a navigation bar. Quarto is not installable on a machine that reaches only package registries:
   the `quarto-cli` package on PyPI is an sdist that downloads the Quarto binary from GitHub when it is built.
 
-`--check` fails unless every notebook has its page and every notebook that drew a figure has one on its page.
+Pictures that markdown cells link by a relative path (e.g. the README's `bench/.../vae_recon.png`, relative to the
+repository root as the README is) are copied into the site at the same relative path.
+
+`--check` fails unless every notebook has its page, every notebook that drew a figure has one on its page, and every
+picture a page links by a relative path is in the site.
 Usage: python tools/docs.py [--out _docs] [--only GLOB] [--check] [--renderer auto|quarto|nbconvert]
 """
 from __future__ import annotations
@@ -191,6 +195,26 @@ def page_text(page: Path) -> str:
     return " ".join(html.unescape(re.sub(r"<[^>]+>", "", page.read_text())).split())
 
 
+IMG_SRC = re.compile(r'<img[^>]*\ssrc="([^"]+)"')
+
+
+def local_images(page: Path) -> list[str]:
+    "The relative paths of the pictures a page shows (not web addresses, not embedded data)."
+    return [u for u in IMG_SRC.findall(page.read_text()) if not re.match(r"^([a-z][a-z0-9+.-]*:|/|#)", u, re.I)]
+
+
+def copy_images(out: Path) -> list[str]:
+    "Copy each picture the site's pages link by a relative path from the repository (root first, then nbs/) into the site."
+    copied = []
+    for page in sorted(out.glob("*.html")):
+        for u in local_images(page):
+            dest = out / u
+            src = next((b / u for b in (ROOT, NBS) if (b / u).is_file()), None)
+            if dest.is_file() or src is None: continue
+            dest.parent.mkdir(parents=True, exist_ok=True); shutil.copy2(src, dest); copied.append(u)
+    return copied
+
+
 def check(files: list[Path], out: Path, executed: dict[str, bool]) -> list[str]:
     "Every notebook has its page with all its section headings; every executed notebook that drew a figure shows one on its page."
     problems = []
@@ -201,6 +225,8 @@ def check(files: list[Path], out: Path, executed: dict[str, bool]) -> list[str]:
         text = page_text(page)
         lost = [h for h in (headings(src) if src.is_file() else []) if " ".join(h.split()) not in text]
         if lost: problems.append(f"{f.name}: its page {page} lacks the sections {lost[:3]}")
+        missing = [u for u in local_images(page) if not (out / u).is_file()]
+        if missing: problems.append(f"{f.name}: its page {page} shows pictures not in the site: {missing[:3]}")
         if not executed.get(f.name): continue
         if not drew_figure(STAGE / f.name): problems.append(f"{f.name}: its figure cells drew no figure when executed (plotly output missing)")
         elif FIGURE_MARK not in page.read_text(): problems.append(f"{f.name}: the notebook drew a figure but its page {page} holds none")
@@ -228,6 +254,8 @@ def main(argv=None):
     else:
         print("docs: rendering with nbconvert (no quarto on the PATH; see tools/docs.py)")
         render_nbconvert(files, out)
+    pics = copy_images(out)
+    if pics: print(f"docs: {len(pics)} pictures copied in ({', '.join(pics[:3])})")
     print(f"docs: {len(files)} pages in {out} ({renderer}, {sum(executed.values())} notebooks executed, {time.time() - t0:.0f} s)")
     if a.check:
         problems = check(files, out, executed)
