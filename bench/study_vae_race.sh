@@ -73,7 +73,8 @@ rows = {b: dict(set=(race / f"set_{b}").read_text().split(), psnr_heldout=r["res
                 params=r["result"]["params"], loop_s=r["result"].get("loop_s"), final_mse=r["result"]["final_mse"]) for b, r in rec.items()}
 best = max(rows, key=lambda b: rows[b]["psnr_heldout"])   # the rule fixed before the run
 out = dict(rows=rows, chosen=best, rule="the finished width with the higher held-out PSNR")
-(race / "chosen.json").write_text(json.dumps(out, indent=1)); print(json.dumps(out, indent=1))
+from sara.study import write_json
+write_json(race / "chosen.json", out); print(json.dumps(out, indent=1))
 EOF
     cp $RACE/chosen.json $OUT/
     for b in $BASES; do

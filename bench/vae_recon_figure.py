@@ -5,21 +5,20 @@ columns: frames), with each clip's PSNR. Usage (CPU, about 2 minutes for 24 clip
 """
 import argparse
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from sara.study import psnr, reconstruct
 
 
-def grid(real: torch.Tensor, rec: torch.Tensor, frames: list[int], gap: int = 4) -> Image.Image:  # uint8 (B, T, 3, H, W) each
-    "Real and reconstructed frames, two rows per clip, with the clip's PSNR over the reconstruction row."
+def grid(real: torch.Tensor, rec: torch.Tensor, frames: list[int], ps: list[float], gap: int = 4) -> Image.Image:  # uint8 (B, T, 3, H, W) each
+    "Real and reconstructed frames, two rows per clip, with the clip's PSNR (`ps`) over the reconstruction row."
     B, _, _, H, W = real.shape
     img = Image.new("RGB", (len(frames) * (W + gap) + gap, B * (2 * H + 3 * gap + 12)), "white")
     d = ImageDraw.Draw(img)
     for b in range(B):
         y0 = b * (2 * H + 3 * gap + 12)
-        d.text((gap, y0), f"held-out clip {b}: real (top), VAE (bottom), PSNR {psnr(rec[b], real[b]):.2f} dB", fill="black")
+        d.text((gap, y0), f"held-out clip {b}: real (top), VAE (bottom), PSNR {ps[b]:.2f} dB", fill="black")
         for j, t in enumerate(frames):
             for r, src in enumerate((real, rec)):
                 img.paste(Image.fromarray(src[b, t].permute(1, 2, 0).numpy()), (gap + j * (W + gap), y0 + 12 + r * (H + gap)))
@@ -45,9 +44,10 @@ def main(argv=None):
     vae = AutoencoderKLWan.from_pretrained(a.vae, torch_dtype=torch.float32).eval()
     real = held[idx]
     rec = reconstruct(vae, real, torch.device("cpu"))
+    ps = [psnr(r, x) for r, x in zip(rec, real)]
     tmp = Path(a.out).with_suffix(".tmp.png")
-    grid(real, rec, frames).save(tmp); tmp.replace(a.out)
-    print(f"{a.out}: clips {idx}, PSNR {[round(psnr(r, x), 2) for r, x in zip(rec, real)]}")
+    grid(real, rec, frames, ps).save(tmp); tmp.replace(a.out)
+    print(f"{a.out}: clips {idx}, PSNR {[round(p, 2) for p in ps]}")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ for a script to size a run by. Usage (a GPU; CPU works at `--size micro`):
     python bench/vae_step_time.py --batches 8,16,32 --short 5 --long 25 --repeat 2
     python bench/vae_step_time.py --bases 32,48 --batches 8 --json /tmp/vae_step.json
 """
-import argparse, dataclasses, json, statistics, time
+import argparse, dataclasses, statistics, time
 
 import torch
 
-from sara.study import get_size, like_size, train_frames, train_vae
+from sara.study import get_size, like_size, train_frames, train_vae, write_json
 
 
 def time_steps(s, frames, dev, steps: int) -> float:  # seconds of `train_vae` for `steps` steps, the device synchronised
@@ -70,7 +70,7 @@ def main(argv=None):
         m = med[c]
         print(f"| {c[0]} | {c[1]} | {m:.3f} | {c[1] / m:.1f} | {m / med[cfgs[0]]:.2f} | {2500 * m / 60:.1f} | {mem.get(c, float('nan')):.2f} |")
     if a.json:
-        with open(a.json, "w") as f: json.dump({f"{w}x{b}": round(med[(w, b)], 4) for w, b in cfgs}, f)
+        write_json(a.json, {f"{w}x{b}": round(med[(w, b)], 4) for w, b in cfgs})   # atomic
 
 
 if __name__ == "__main__":

@@ -907,9 +907,9 @@ def begin_process(run_dir: Path) -> list[float]:  # seconds of the run's earlier
 
 def end_process(run_dir: Path, parts: list[float], wall: float) -> dict:  # the run's wall.json record
     "A finished run's wall time: every process's (killed ones first), summed; `launch.json` removed."
-    rec = write_json(run_dir / "wall.json", dict(wall_s=round(sum(parts) + wall, 2), processes=[*parts, round(wall, 2)]))
-    (run_dir / LAUNCH).unlink(missing_ok=True)
-    return json.loads(rec.read_text())
+    rec = dict(wall_s=round(sum(parts) + wall, 2), processes=[*parts, round(wall, 2)])
+    write_json(run_dir / "wall.json", rec); (run_dir / LAUNCH).unlink(missing_ok=True)
+    return rec
 
 def _launch_run(args) -> dict:
     argv, run_dir, slots, workers = args
