@@ -27,10 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 # %% auto #0
-__all__ = ['ENTITY_PROMPT', 'atomic_path', 'ClipRecord', 'check_prompts', 'read_manifest', 'parse_entity_list', 'EntityExtractor',
-           'load_video', 'write_video', 'frame_indices', 'sample_frames', 'video_fps', 'clip_frame_indices',
-           'resize_video', 'save_masks', 'read_mask_entities', 'load_masks', 'check_masks', 'ClipDataset',
-           'collate_clips', 'flow_path', 'save_flow', 'load_flow', 'find_flow']
+__all__ = ['ENTITY_PROMPT', 'atomic_path', 'write_json', 'ClipRecord', 'check_prompts', 'read_manifest', 'parse_entity_list',
+           'EntityExtractor', 'load_video', 'write_video', 'frame_indices', 'sample_frames', 'video_fps',
+           'clip_frame_indices', 'resize_video', 'save_masks', 'read_mask_entities', 'load_masks', 'check_masks',
+           'ClipDataset', 'collate_clips', 'flow_path', 'save_flow', 'load_flow', 'find_flow']
 
 # %% ../nbs/data.ipynb #beb43d5c
 @contextmanager
@@ -51,6 +51,15 @@ def atomic_path(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+def write_json(
+    path: str | Path,  # file to (re)write atomically; its folder is made
+    obj,               # JSON-serialisable object
+    default=str,       # what other objects are written as (`json.dumps`'s default); None: they raise TypeError
+) -> Path:             # `path`
+    "Write JSON atomically (`atomic_path`: a temporary file in the same folder, then `os.replace`), indented by 1."
+    with atomic_path(path, overwrite=True) as tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=default))
+    return Path(path)
 
 # %% ../nbs/data.ipynb #17c95138
 @dataclass

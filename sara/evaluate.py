@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .config import find_settings, load_config
-from .data import atomic_path, load_video, sample_frames
+from .data import atomic_path, load_video, sample_frames, write_json
 from .sampling import (SAMPLING_DEFAULTS, build_pipeline, noise_seed, sample_clips, sample_videos, sampling_defaults, prompt_dtype,
                            sampling_scheduler, to_uint8_video)  # re-exported: `from sara.evaluate import sample_clips` keeps working
 
@@ -25,10 +25,10 @@ from .sampling import (SAMPLING_DEFAULTS, build_pipeline, noise_seed, sample_cli
 __all__ = ['EVAL_DEFAULTS', 'TEXT_FOLLOWING', 'VBENCH_DIMENSIONS', 'SUITES', 'VBENCH_SAMPLES', 'VBENCH_FLICKER_SAMPLES',
            'VBENCH_NORMALIZE', 'VBENCH_DIM_WEIGHT', 'VBENCH_QUALITY', 'VBENCH_SEMANTIC', 'VBENCH_QUALITY_WEIGHT',
            'VBENCH_SEMANTIC_WEIGHT', 'HELD_OUT_SPLITS', 'DEMO_PROMPT_STREAM', 'RUBRIC', 'VIDEOPHY2_THRESHOLD',
-           'TOY_SCORE_FILES', 'CURVE_METRICS', 'eval_settings', 'write_json', 'vbench_info_path', 'vbench_suite',
-           'load_suite', 'load_run', 'toy_world_kind', 'demo_toy_prompts', 'data_suite', 'pixel_stats',
-           'vbench_backend', 'prompt_of_file', 'cluster_bootstrap_ci', 'run_vbench', 'vbench_totals', 'make_rubric',
-           'judge_prompt', 'parse_score', 'TransformersJudge', 'make_tiny_judge_dir', 'judge_videos', 'bootstrap_ci',
+           'TOY_SCORE_FILES', 'CURVE_METRICS', 'eval_settings', 'vbench_info_path', 'vbench_suite', 'load_suite',
+           'load_run', 'toy_world_kind', 'demo_toy_prompts', 'data_suite', 'pixel_stats', 'vbench_backend',
+           'prompt_of_file', 'cluster_bootstrap_ci', 'run_vbench', 'vbench_totals', 'make_rubric', 'judge_prompt',
+           'parse_score', 'TransformersJudge', 'make_tiny_judge_dir', 'judge_videos', 'bootstrap_ci',
            'aggregate_scores', 'paired_bootstrap', 'paired_rubric', 'videophy2_prompts', 'videophy2_backend',
            'videophy2_scores', 'run_videophy2', 'study_pairs', 'make_study', 'sign_test', 'tally_study',
            'study_rows_scores', 'toy_scores', 'metrics_table', 'paired_table', 'table_html', 'score_bars', 'frame_grid',
@@ -56,14 +56,6 @@ def eval_settings(
     for k in EVAL_DEFAULTS:
         if env.get(f"SARA_{k.upper()}"): out[k] = env[f"SARA_{k.upper()}"]
     return out
-
-def write_json(
-    path: str | Path,  # file to (re)write atomically
-    obj,               # JSON-serialisable object
-) -> Path:             # `path`
-    "Write JSON atomically (temporary file in the same folder, then `os.replace`)."
-    with atomic_path(path, overwrite=True) as tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=str))
-    return Path(path)
 
 
 # %% ../nbs/evaluate.ipynb #efdff98f

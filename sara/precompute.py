@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import ConfigError, dataclass_args, known_params, run_cli, site_settings, wan_facts
-from .data import ClipDataset, atomic_path, load_video, resize_video
+from .data import ClipDataset, atomic_path, load_video, resize_video, write_json
 from .masks import MASK_PROVIDERS, MERGE_RULES, flow_to_grid, merge_entities, reduce_to_grid
 from .grids import ALIGNMENT, target_frames
 
@@ -34,10 +34,10 @@ from .grids import ALIGNMENT, target_frames
 __all__ = ['CACHE_FORMAT', 'MASK_SOURCES', 'FLOW_SOURCES', 'DTYPES', 'PRECOMPUTE_DEVICES', 'PRECOMPUTE_CHOICES', 'BASE_FIELDS',
            'CONTENT_FIELDS', 'LAYER_FORMAT', 'PrecomputeConfigError', 'PrecomputeConfig', 'make_precompute_config',
            'content_settings', 'settings_key', 'cache_path', 'tensor_digest', 'file_digest', 'SettingsMismatchError',
-           'CacheCorruptError', 'write_json_atomic', 'read_index', 'check_settings', 'resolve_precompute_device',
-           'PrecomputeModels', 'build_precompute_models', 'memory_budget', 'check_sizes', 'load_item', 'encode_clip',
-           'write_shard', 'read_entry', 'cache_lock', 'TooManyFailedClips', 'check_failures', 'precompute',
-           'TargetCache', 'open_cache', 'find_cache', 'write_layer', 'precompute_cli']
+           'CacheCorruptError', 'read_index', 'check_settings', 'resolve_precompute_device', 'PrecomputeModels',
+           'build_precompute_models', 'memory_budget', 'check_sizes', 'load_item', 'encode_clip', 'write_shard',
+           'read_entry', 'cache_lock', 'TooManyFailedClips', 'check_failures', 'precompute', 'TargetCache',
+           'open_cache', 'find_cache', 'write_layer', 'precompute_cli']
 
 # %% ../nbs/precompute.ipynb #6970b13f
 CACHE_FORMAT = "sara-cache/2"  # written in every index; a reader refuses other formats (1: before the exact grid alignment of `sara.grids`)
@@ -187,13 +187,6 @@ class SettingsMismatchError(ValueError):
 class CacheCorruptError(ValueError):
     "A cache file does not match the checksum its index records."
 
-def write_json_atomic(
-    path: str | Path,  # destination (replaced atomically)
-    obj,               # JSON-serialisable object
-) -> Path:
-    "Write JSON to a temporary file in the same folder, then `os.replace` it onto `path`."
-    with atomic_path(path, overwrite=True) as tmp: Path(tmp).write_text(json.dumps(obj, indent=1))
-    return Path(path)
 
 def read_index(
     path: str | Path,  # a cache folder (or its index.json)
@@ -598,7 +591,7 @@ def _precompute_pass(cfg, folder, records_ds, records, models, after_clip, timin
                     e["line"] = rec.line; report["skipped"] += 1; continue
                 report["stale"].append(rec.id)
             todo.append(i)
-        if had_index: write_json_atomic(folder / "index.json", idx)  # a new index is first written with its first entry
+        if had_index: write_json(folder / "index.json", idx, default=None)  # a new index is first written with its first entry
         if todo and models is None: models = build_precompute_models(cfg)
         if todo:
             try: models.vfm.geometry.grid(cfg.n_frames, cfg.height, cfg.width)
@@ -616,7 +609,7 @@ def _precompute_pass(cfg, folder, records_ds, records, models, after_clip, timin
                 for cid, p in pending.items():
                     idx["entries"][cid] = dict(**recs[cid], **p["fields"], empty_entities=p["entry"]["empty_entities"])
                     idx["failed"].pop(cid, None)
-                write_json_atomic(folder / "index.json", idx)
+                write_json(folder / "index.json", idx, default=None)
             pending, shard_no = {}, shard_no + 1
 
         bar = tqdm(todo, desc="precompute", unit="clip", disable=not cfg.progress, dynamic_ncols=True)
@@ -643,7 +636,7 @@ def _precompute_pass(cfg, folder, records_ds, records, models, after_clip, timin
                       clips_per_s=round(report["done"] / enc, 3) if enc > 0 else None,
                       failed_ids=[r.id for r in records if r.id in idx["failed"]], config=cfg.to_dict())
         idx["last_run"] = report
-        if (folder / "index.json").exists(): write_json_atomic(folder / "index.json", idx)
+        if (folder / "index.json").exists(): write_json(folder / "index.json", idx, default=None)
     return report, idx
 
 
@@ -814,7 +807,7 @@ def write_layer(
             li["entries"][cid] = dict(**recs[cid], base_sha256=base["entries"][cid]["sha256"])
             for k, v in recs[cid]["fields"].items(): li["fields"][k] = v["dtype"]
         li["next_part"] += 1
-        write_json_atomic(f, li)
+        write_json(f, li, default=None)
         if old_parts:  # the earlier head's layer is moved aside (outside layers/), never deleted
             aside = path / "previous-layers" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
             aside.mkdir(parents=True)

@@ -26,21 +26,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import write_json
+
 
 # %% auto #0
-__all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'TRAIN_STATE', 'WORLD_FIELDS', 'IMAGENET_MEAN', 'IMAGENET_STD',
-           'LAUNCH', 'METRICS', 'STAGE_FNS', 'MERGE_SHARED', 'REAL_RUNS', 'StudySize', 'get_size', 'write_json',
-           'stage_result', 'need', 'run_stage', 'world_seeds', 'train_frames', 'world_scenes', 'scene_prompts',
-           'stage_world', 'TextTable', 'make_text_table', 'stage_text', 'vae_config', 'psnr', 'reconstruct',
-           'StagePaused', 'train_recipe', 'Resumable', 'finish_state', 'train_vae', 'stage_vae', 'encoder_config',
-           'tube_mask', 'jepa_loss', 'pretrain_encoder', 'stage_encoder', 'token_labels', 'linear_probe',
-           'probe_encoders', 'pairs_in_time', 'probe_tokens', 'random_encoder', 'probe_encoder', 'probe_recipe',
-           'dit_config', 'stage_wan', 'cache_params', 'stage_cache', 'stage_stage1', 'run_params', 'run_finished',
-           'gpu_slots', 'visible_gpu', 'begin_process', 'end_process', 'write_viz', 'stage_train', 'load_study_run',
-           'stage_sample', 'clip_features', 'stage_score', 'viz_inputs', 'cluster_bootstrap', 'study_paired',
-           'paired_markdown', 'study_table', 'table_markdown', 'compare_tables', 'loss_curves', 'sample_grid',
-           'report_figures', 'stage_wall', 'stage_report', 'merge_studies', 'run_study', 'pack_results',
-           'unpack_results', 'like_size', 'study_cli']
+__all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'LAUNCH', 'RUN_WRITES', 'TRAIN_STATE', 'WORLD_FIELDS',
+           'IMAGENET_MEAN', 'IMAGENET_STD', 'METRICS', 'STAGE_FNS', 'MERGE_SHARED', 'REAL_RUNS', 'StudySize',
+           'get_size', 'stage_result', 'need', 'begin_process', 'pause_process', 'end_process', 'run_stage',
+           'world_seeds', 'train_frames', 'world_scenes', 'scene_prompts', 'stage_world', 'TextTable',
+           'make_text_table', 'stage_text', 'vae_config', 'psnr', 'reconstruct', 'StagePaused', 'train_recipe',
+           'Resumable', 'finish_state', 'train_vae', 'stage_vae', 'encoder_config', 'tube_mask', 'jepa_loss',
+           'pretrain_encoder', 'stage_encoder', 'token_labels', 'linear_probe', 'probe_encoders', 'pairs_in_time',
+           'probe_tokens', 'random_encoder', 'probe_encoder', 'probe_recipe', 'dit_config', 'stage_wan', 'cache_params',
+           'stage_cache', 'stage_stage1', 'run_params', 'run_finished', 'gpu_slots', 'visible_gpu', 'write_viz',
+           'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score', 'viz_inputs',
+           'cluster_bootstrap', 'study_paired', 'paired_cell', 'paired_markdown', 'study_table', 'table_markdown',
+           'compare_tables', 'compare_replicates', 'recorded_scores', 'loss_curves', 'sample_grid', 'report_figures',
+           'stage_wall', 'stage_report', 'merge_studies', 'run_study', 'pack_results', 'unpack_results', 'like_size',
+           'study_cli']
 
 # %% ../nbs/study.ipynb #dc2a3666
 @dataclass(frozen=True)
@@ -138,13 +141,6 @@ def get_size(
 FPS = 8  # frame rate of the toy videos; precompute and Stage 2 sample at it (every frame)
 STAGES = ("world", "text", "vae", "encoder", "wan", "cache", "stage1", "train", "sample", "score", "report")
 
-def write_json(path: str | Path, obj) -> Path:  # the written file
-    "JSON to `path` atomically (temporary file in the same folder, then rename)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str)); os.replace(tmp, path)
-    return path
-
 def stage_result(
     root: str | Path,  # the study folder
     name: str,         # a stage name
@@ -163,6 +159,45 @@ def need(root: str | Path, *names: str) -> list[dict]:  # their done.json record
     return out
 
 RUN_KNOBS = ("workers", "budget_s", "train_ckpt_every")  # StudySize fields that change how a stage runs, not what it computes
+
+LAUNCH = "launch.json"   # a stage's or Stage 2 run's process in progress: its start and the walls of its earlier processes
+RUN_WRITES = ("log.txt", "metrics.jsonl")   # what a Stage 2 run's process writes as it goes
+
+def begin_process(
+    d: Path,                          # the folder of a stage or of a Stage 2 run
+    writes: tuple | None = RUN_WRITES,# files whose last write ends a killed process; None: every file under `d`
+) -> list[float]:                     # seconds of the earlier processes of this stage or run (killed or paused)
+    """Record that a process starts. A `launch.json` left with a start means the last process was killed (a device
+    call's limit): its wall runs from that start to the last write of `writes` in `d`. One left by `pause_process` holds
+    the paused process's measured wall. Folders copied with `cp -r` (not tar) lose their times: a killed process's wall
+    is then too long."""
+    f = d / LAUNCH
+    parts = []
+    if f.is_file():
+        rec = json.loads(f.read_text())
+        parts = list(rec["parts"])
+        if rec.get("started") is not None:
+            files = [d / w for w in writes] if writes is not None else [p for p in d.rglob("*") if p.name != LAUNCH]
+            end = max([rec["started"]] + [p.stat().st_mtime for p in files if p.is_file()])
+            parts.append(round(max(0.0, end - rec["started"]), 2))
+    write_json(f, dict(started=time.time(), parts=parts))
+    return parts
+
+def pause_process(d: Path, parts: list[float], wall: float):
+    "A process that paused on purpose (`StagePaused`): its measured wall joins `parts` for the next process."
+    write_json(d / LAUNCH, dict(started=None, parts=[*parts, round(wall, 2)]))
+
+def end_process(
+    d: Path,             # the folder of a stage or of a Stage 2 run
+    parts: list[float],  # `begin_process`'s result
+    wall: float,         # this process's seconds
+    record: bool = True, # write `wall.json` (a Stage 2 run; a stage keeps it in its done.json)
+) -> dict:               # {wall_s: the sum, processes: each process's seconds, earlier ones first}
+    "A finished stage's or run's wall time: every process's, summed; `launch.json` removed."
+    rec = dict(wall_s=round(sum(parts) + wall, 2), processes=[*parts, round(wall, 2)])
+    if record: write_json(d / "wall.json", rec)
+    (d / LAUNCH).unlink(missing_ok=True)
+    return rec
 
 def run_stage(
     root: str | Path,   # the study folder (one sub-folder per stage)
@@ -187,18 +222,22 @@ def run_stage(
     d = root / name
     (d / "done.json").unlink(missing_ok=True)
     d.mkdir(parents=True, exist_ok=True)
+    if force: (d / LAUNCH).unlink(missing_ok=True)   # a forced redo is timed afresh
+    parts = begin_process(d, writes=None)   # the walls of this stage's earlier processes: killed (a call's limit) or paused
     print(f"[study] {name}: running"); t0 = time.perf_counter()
-    result = STAGE_FNS[name](root, size, d)
-    rec = dict(stage=name, size=size.name, wall_s=round(time.perf_counter() - t0, 2), result=result,
+    try: result = STAGE_FNS[name](root, size, d)
+    except StagePaused: pause_process(d, parts, time.perf_counter() - t0); raise
+    wall = end_process(d, parts, time.perf_counter() - t0, record=False)
+    rec = dict(stage=name, size=size.name, wall_s=wall["wall_s"], processes=wall["processes"], result=result,
                device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     write_json(d / "done.json", rec)
     print(f"[study] {name}: finished in {rec['wall_s']:.1f} s")
     return rec
 
 def _clean(d: Path, keep: tuple = ("done.json",)):
-    "Remove what a killed run of a stage left in its folder."
+    "Remove what a killed run of a stage left in its folder (its `launch.json`, the record of earlier processes, stays)."
     for p in d.iterdir():
-        if p.name in keep: continue
+        if p.name in keep or p.name == LAUNCH: continue
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 def _device() -> torch.device: return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -891,26 +930,6 @@ def _env(gpu: int | None = None, workers: int = 1) -> dict:
     if gpu is not None: env["CUDA_VISIBLE_DEVICES"] = visible_gpu(gpu)
     return env
 
-LAUNCH = "launch.json"   # a Stage 2 run's process in progress: its start and the walls of the run's earlier, killed processes
-
-def begin_process(run_dir: Path) -> list[float]:  # seconds of the run's earlier processes that were killed (a resumed run)
-    """Record that a process of this run starts. A `launch.json` left behind means the last process was killed (a
-    device call's limit): its wall is taken from its recorded start to the last write of its `log.txt` or `metrics.jsonl`."""
-    f = run_dir / LAUNCH
-    parts = []
-    if f.is_file():
-        rec = json.loads(f.read_text())
-        end = max([rec["started"]] + [p.stat().st_mtime for p in (run_dir / "log.txt", run_dir / "metrics.jsonl") if p.is_file()])
-        parts = [*rec["parts"], round(max(0.0, end - rec["started"]), 2)]
-    write_json(f, dict(started=time.time(), parts=parts))
-    return parts
-
-def end_process(run_dir: Path, parts: list[float], wall: float) -> dict:  # the run's wall.json record
-    "A finished run's wall time: every process's (killed ones first), summed; `launch.json` removed."
-    rec = dict(wall_s=round(sum(parts) + wall, 2), processes=[*parts, round(wall, 2)])
-    write_json(run_dir / "wall.json", rec); (run_dir / LAUNCH).unlink(missing_ok=True)
-    return rec
-
 def _launch_run(args) -> dict:
     argv, run_dir, slots, workers = args
     run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
@@ -991,7 +1010,7 @@ def _sample_one(args) -> str:
     tmp = Path(out).with_name(f".{Path(out).name}.tmp"); shutil.rmtree(tmp, ignore_errors=True)
     sample_videos(build_pipeline(models, cfg), text, prompts, tmp, seeds=list(s.eval_seeds), steps=s.sample_steps,
                   n_frames=s.n_frames, height=s.size, width=s.size, guidance_scale=s.guidance, fps=FPS,
-                  meta=dict(run=run, method=run.rsplit("_s", 1)[0] if run != "step0" else "step0"))
+                  meta=dict(run=run, method=_run_method(run)))
     os.replace(tmp, out)
     return run
 
@@ -1092,7 +1111,13 @@ def viz_inputs(root: Path, s: StudySize, dev, run: str = "", n: int = 2) -> dict
 
 
 # %% ../nbs/study.ipynb #19cd89c7
-def _train_seed(run: str) -> str: return run.rsplit("_s", 1)[1] if "_s" in run else ""
+def _split_run(run: str) -> tuple:  # (method, training seed as text); a run without a seed (heldout, step0): (run, "")
+    "A Stage 2 run's name `<method>_s<seed>` split; only a numeric suffix is a seed."
+    m, _, sd = run.rpartition("_s")
+    return (m, sd) if m and sd.isdigit() else (run, "")
+
+def _train_seed(run: str) -> str: return _split_run(run)[1]
+def _run_method(run: str) -> str: return _split_run(run)[0]
 
 def cluster_bootstrap(
     values: list[float],  # one score (or paired difference) per sample
@@ -1127,7 +1152,6 @@ def study_paired(
     the training seed, the prompt and the sampling seed (so the same noise). lo, hi: `cluster_bootstrap` over training
     seeds, then pairs; by_seed: the mean difference of each training seed; p_pairs: the sign-flip p of the pairs taken
     as independent (`sara.evaluate.paired_bootstrap`; smaller than a seed-level test would give)."""
-    from sara.evaluate import paired_bootstrap
     key = lambda r: (_train_seed(r["run"]), r["prompt_id"], r["seed"])
     scored = sorted({r["method"] for r in rows})
     base = [r for r in rows if r["method"] == baseline]
@@ -1139,13 +1163,22 @@ def study_paired(
         if not rs: raise ValueError(f"study_paired: no scored sample of method {m!r}; methods scored: {scored}")
         for k in METRICS:
             a, b = {key(r): r[k] for r in rs if k in r}, {key(r): r[k] for r in base if k in r}
-            ks = sorted(set(a) & set(b), key=str)
-            d, g = [a[q] - b[q] for q in ks], [q[0] for q in ks]
-            mean, lo, hi = cluster_bootstrap(d, g, n_boot, seed=seed)
-            by_seed = {sd: float(np.mean([x for x, y in zip(d, g) if y == sd])) for sd in dict.fromkeys(g)}
-            out.append(dict(method=m, baseline=baseline, dimension=k, mean_diff=mean, lo=lo, hi=hi, by_seed=by_seed,
-                            p_pairs=paired_bootstrap(a, b, n_boot, seed=seed)["p"], n=len(ks)))
+            out.append(dict(method=m, baseline=baseline, dimension=k, **paired_cell(a, b, n_boot, seed)))
     return out
+
+def paired_cell(
+    a: dict,            # {(training seed, ...): score}: one side's samples
+    b: dict,            # the same keys for the other side (only keys in both are paired)
+    n_boot: int = 2000, # bootstrap resamples
+    seed: int = 0,      # resampling seed
+) -> dict:              # mean_diff (a - b), lo, hi, by_seed, p_pairs, n
+    "One paired comparison: `cluster_bootstrap` of a - b over training seeds (the key's first item), then pairs; each seed's mean; the sign-flip p of the pairs."
+    from sara.evaluate import paired_bootstrap
+    ks = sorted(set(a) & set(b), key=str)
+    d, g = [a[q] - b[q] for q in ks], [q[0] for q in ks]
+    mean, lo, hi = cluster_bootstrap(d, g, n_boot, seed=seed)
+    by_seed = {sd: float(np.mean([x for x, y in zip(d, g) if y == sd])) for sd in dict.fromkeys(g)}
+    return dict(mean_diff=mean, lo=lo, hi=hi, by_seed=by_seed, p_pairs=paired_bootstrap(a, b, n_boot, seed=seed)["p"], n=len(ks))
 
 def paired_markdown(paired: list[dict]) -> str:  # a Markdown table: one row per method, one column per metric
     "The paired differences as Markdown: mean difference [95 % interval] per cell; * where the interval excludes 0."
@@ -1176,7 +1209,7 @@ def study_table(
         for k in METRICS: row[k] = cluster_bootstrap([r[k] for r in rs if k in r], [_train_seed(r["run"]) for r in rs if k in r], n_boot)
         uns = [r for r in rs if r["unseen"]]
         row["unseen_fidelity"] = cluster_bootstrap([r["prompt_fidelity"] for r in uns], [_train_seed(r["run"]) for r in uns], n_boot)
-        fds = [fd["reference"]] if m == "heldout" else [v for run, v in fd.items() if run == m or run.rsplit("_s", 1)[0] == m]
+        fds = [fd["reference"]] if m == "heldout" else [v for run, v in fd.items() if _run_method(run) == m]
         row["fd"] = cluster_bootstrap(fds, list(range(len(fds))), n_boot)   # one value per seed: the plain bootstrap over seeds
         out.append(row)
     return out
@@ -1205,6 +1238,47 @@ def compare_tables(
             (mu, lo, hi), nm = a[m][c], b[m][c][0]
             out.append(dict(method=m, column=c, ref=(mu, lo, hi), new=nm, inside=bool(lo - 1e-9 <= nm <= hi + 1e-9)))
     return out
+
+def compare_replicates(
+    ref: list[dict],    # the recorded study's scores.json rows (run, method, prompt_id, seed, unseen, metrics)
+    new: list[dict],    # a rerun's rows: the same methods, training seeds, prompts and noise
+    ref_fd: dict,       # the recorded fd.json: run -> Frechet distance ('reference': the real clips')
+    new_fd: dict,       # the rerun's fd.json
+    n_boot: int = 2000, # bootstrap resamples
+    seed: int = 0,      # resampling seed
+) -> list[dict]:        # per method and column: method, column, mean_diff (new - ref), lo, hi, by_seed, p_pairs, n, same
+    """Is a rerun the same study up to its noise? Each rerun sample is paired with the recorded one of the same method,
+    training seed, prompt and noise; the difference's 95 % interval is `paired_cell`'s (training seeds, then pairs; FD:
+    one pair per run) and `same` says it holds 0. `compare_tables` asks whether a new mean lies inside the recorded
+    interval, which counts only one run's noise: two replicates of one normal mean fall outside each other's 95 %
+    interval about one time in six (P(|Z| > 1.96 / sqrt 2) = 0.17), more often with a bootstrap over 3 seeds."""
+    methods = list(dict.fromkeys(r["method"] for r in ref))
+    if set(methods) != {r["method"] for r in new}:
+        raise ValueError(f"compare_replicates: methods differ: only recorded {sorted(set(methods) - {r['method'] for r in new})}, "
+                         f"only in the rerun {sorted({r['method'] for r in new} - set(methods))}")
+    key = lambda r: (_train_seed(r["run"]), r["prompt_id"], r["seed"])
+    fds = lambda fd, m: {("",): fd["reference"]} if m == "heldout" else {(_train_seed(run),): v for run, v in fd.items() if _run_method(run) == m}
+    out = []
+    for m in methods:
+        a, b = [r for r in new if r["method"] == m], [r for r in ref if r["method"] == m]
+        cells = {k: ({key(r): r[k] for r in a if k in r}, {key(r): r[k] for r in b if k in r}) for k in METRICS}
+        cells["unseen_fidelity"] = tuple({key(r): r["prompt_fidelity"] for r in rs if r["unseen"]} for rs in (a, b))
+        cells["fd"] = (fds(new_fd, m), fds(ref_fd, m))
+        for c, (x, y) in cells.items():
+            if not set(x) & set(y): continue
+            p = paired_cell(x, y, n_boot, seed)
+            out.append(dict(method=_label(m), column=c, **p, same=bool(p["lo"] - 1e-12 <= 0 <= p["hi"] + 1e-12)))
+    return out
+
+def recorded_scores(
+    table: str | Path,  # a recorded table.json: in a study's report/ folder, or a bench/ folder beside its scores
+) -> tuple:             # (scores.json rows, fd.json) or None when neither place has them
+    "The scores behind a recorded table: beside it (a bench/ record) or in its study's score/ folder."
+    t = Path(table)
+    for d in (t.parent, t.parent.parent / "score"):
+        if (d / "scores.json").is_file() and (d / "fd.json").is_file():
+            return json.loads((d / "scores.json").read_text()), json.loads((d / "fd.json").read_text())
+    return None
 
 
 # %% ../nbs/study.ipynb #72cee1be
@@ -1259,7 +1333,9 @@ def report_figures(
     return figs
 
 def stage_wall(rec: dict) -> float:  # seconds
-    "A stage's wall time across its runs: the last run's, plus the training-loop time of the runs that paused before it (their set-up is not recorded)."
+    """A stage's wall time across its processes: recorded whole since `run_stage` times every process (`processes`); in
+    an older record, the last process's plus the training-loop time of the ones that paused before it."""
+    if "processes" in rec: return rec["wall_s"]
     loops = rec["result"].get("loop_s", []) if isinstance(rec.get("result"), dict) else []
     return round(rec["wall_s"] + sum(loops[:-1]), 2)
 
@@ -1500,7 +1576,7 @@ def study_cli(argv: list[str] | None = None):  # command-line arguments (default
     ap.add_argument("--like", default="", help="a study.json (e.g. bench/study_2026-11-30/study.json): take every StudySize field from it (--set applies after)")
     ap.add_argument("--budget", type=float, default=None, help="seconds the vae and encoder training loops may run in this process (StudySize.budget_s); then they save vae/ or encoder/train_state.pt and pause (exit 3), the next run resumes")
     ap.add_argument("--merge", default="", help="comma-separated finished study folders (the same fields but disjoint seeds, one vae and encoder): merge them into --root and run its report (other stage flags are not used)")
-    ap.add_argument("--compare", default="", help="a recorded table.json (e.g. bench/study_2026-11-30c/table.json): after the stages, is every mean of --root's report inside its interval?")
+    ap.add_argument("--compare", default="", help="a recorded table.json (e.g. bench/study_2026-11-30c/table.json): after the stages, is every mean of --root's report inside its interval, and (with the scores beside it or in its study's score/) does each paired rerun - recorded difference hold 0?")
     a = ap.parse_args(argv)
     def main():
         if a.merge:
@@ -1526,6 +1602,14 @@ def study_cli(argv: list[str] | None = None):  # command-line arguments (default
             for r in cmp:
                 if not r["inside"]: print(f"[compare] {r['method']} {r['column']}: {r['new']:.3f} outside {r['ref'][1]:.3f}..{r['ref'][2]:.3f} (recorded mean {r['ref'][0]:.3f})")
             print(f"[compare] {sum(r['inside'] for r in cmp)} of {len(cmp)} cells inside the intervals of {a.compare}")
+            rec = recorded_scores(a.compare)
+            if rec is None: print(f"[compare] no scores.json and fd.json beside {a.compare} or in its study's score/: the paired check needs them"); return
+            sc = Path(a.root) / "score"
+            rep = compare_replicates(*rec[:1], json.loads((sc / "scores.json").read_text()), rec[1], json.loads((sc / "fd.json").read_text()))
+            write_json(Path(a.root) / "report" / "replicate.json", dict(recorded=str(a.compare), cells=rep))
+            for r in rep:
+                if not r["same"]: print(f"[compare] {r['method']} {r['column']}: rerun - recorded {r['mean_diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] excludes 0")
+            print(f"[compare] paired: {sum(r['same'] for r in rep)} of {len(rep)} rerun - recorded differences hold 0 (report/replicate.json)")
     run_cli("sara-study", main, failures=(ValueError, FileNotFoundError, FileExistsError))  # exit 0 / 2 (flags) / 1 (a stage failed), one line
 
 
