@@ -14,12 +14,12 @@ import argparse, json, os, statistics, subprocess, sys, time
 MODES = ("default", "deterministic", "deterministic_math")
 
 
-def train_once(steps: int, batch: int, mode: str) -> dict:  # {losses, step_s, digest}
+def train_once(steps: int, batch: int, mode: str, size: str = "default") -> dict:  # {losses, step_s, digest}
     import hashlib
     import torch
     from diffusers import WanTransformer3DModel
     from sara.study import dit_config, get_size
-    s = get_size("default")
+    s = get_size(size)
     dev = "cuda" if torch.cuda.is_available() else "cpu"   # the CPU only for a smoke run
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     torch.manual_seed(0)
@@ -45,14 +45,14 @@ def train_once(steps: int, batch: int, mode: str) -> dict:  # {losses, step_s, d
           losses.append(loss.item()); sync(); times.append(time.perf_counter() - t0)
     h = hashlib.sha256()
     for p in dit.parameters(): h.update(p.detach().float().cpu().numpy().tobytes())
-    return dict(losses=losses, step_s=statistics.median(times[3:]), digest=h.hexdigest()[:16])
+    return dict(losses=losses, step_s=statistics.median(times[3:] or times), digest=h.hexdigest()[:16])
 
 
-def child(steps: int, batch: int, mode: str):
+def child(steps: int, batch: int, mode: str, size: str):
     import torch
     if mode != "default":
         torch.use_deterministic_algorithms(True); torch.backends.cudnn.deterministic = True; torch.backends.cudnn.benchmark = False
-    try: runs = [train_once(steps, batch, mode) for _ in range(2)]
+    try: runs = [train_once(steps, batch, mode, size) for _ in range(2)]
     except Exception as e: print(json.dumps(dict(mode=mode, error=f"{type(e).__name__}: {str(e)[:300]}"))); return
     a, b = runs
     print(json.dumps(dict(mode=mode, same_weights=a["digest"] == b["digest"],
@@ -61,17 +61,20 @@ def child(steps: int, batch: int, mode: str):
                           step_s=round(statistics.median([a["step_s"], b["step_s"]]), 4), last_loss=a["losses"][-1])))
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40); ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--mode", default="", help="(internal) run one mode in this process")
-    ap.add_argument("--modes", default=",".join(MODES))
-    a = ap.parse_args()
-    if a.mode: return child(a.steps, a.batch, a.mode)
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    ap.add_argument("--size", default="default", help="the study size whose DiT is trained (micro: a CPU smoke run)")
+    a = ap.parse_args(argv)
+    if a.mode: return child(a.steps, a.batch, a.mode, a.size)
+    bad = [m for m in a.modes.split(",") if m not in MODES]
+    if bad: ap.error(f"--modes: unknown {bad}; known: {', '.join(MODES)}")
     rows = []
     for m in a.modes.split(","):
         env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8") if m != "default" else dict(os.environ)
-        out = subprocess.run([sys.executable, __file__, "--steps", str(a.steps), "--batch", str(a.batch), "--mode", m],
+        out = subprocess.run([sys.executable, __file__, "--steps", str(a.steps), "--batch", str(a.batch), "--size", a.size, "--mode", m],
                              env=env, capture_output=True, text=True)
         line = [l for l in out.stdout.splitlines() if l.startswith("{")]
         rows.append(json.loads(line[-1]) if line else dict(mode=m, error=(out.stderr or "no output")[-300:]))

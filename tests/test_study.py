@@ -301,3 +301,16 @@ def test_stage2_processes_append_log_and_sum_walls(study, tmp_path):
     assert len(json.loads((other / "wall.json").read_text())["processes"]) == 1
     assert (other / "log.txt").read_text().startswith("=== sara-train, process 1 of this run")
     assert rec["result"]["wall_s"][killed.name] == w["wall_s"]
+
+
+def test_stage2_determinism_bench(tmp_path):
+    """bench/stage2_determinism.py (bench/README part 7) at micro size on the CPU: a table row per mode, both repeats
+    identical (the CPU's kernels are deterministic), positive step times; an unknown mode is refused by name."""
+    import subprocess, sys
+    cmd = [sys.executable, "bench/stage2_determinism.py", "--size", "micro", "--steps", "3", "--batch", "1"]
+    r = subprocess.run(cmd + ["--modes", "default,deterministic"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [l.split(" | ") for l in r.stdout.splitlines() if l.startswith("| default |") or l.startswith("| deterministic |")]
+    assert len(rows) == 2 and all(row[1] == "True" and row[2] == "None" and float(row[4]) > 0 for row in rows), r.stdout
+    bad = subprocess.run(cmd + ["--modes", "default,fast"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert bad.returncode == 2 and "unknown ['fast']" in bad.stderr
