@@ -255,6 +255,7 @@ class RunConfig:
     attention_backend: str = ""  # diffusers attention backend: "" (unchanged: native SDPA) | auto (the measured best on CUDA) | a name of diffusers AttentionBackendName: native, flash, _native_cudnn, ...
     compile: str = "auto"       # off | regional (torch.compile of each DiT block) | auto (regional on CUDA, off on the CPU)
     fused_adamw: bool = True    # fused AdamW kernel on CUDA (the CPU keeps torch's default implementation)
+    deterministic: bool = False # torch's deterministic algorithms: a rerun on the same machine and software repeats bitwise (`sara.train.deterministic_algorithms`; the study's DiT step 1.39x slower on an H200, bench/README part 7)
     fp32_modules: bool = True   # with bfloat16 weights, keep the modules Wan keeps in float32 (norms, time embedder, rope, scale_shift_table) in float32
     context_parallel: int = 1   # GPUs that split one clip's token sequence (diffusers Ulysses attention, composed with FSDP2); 1: off
     device: str = "auto"        # auto | cpu | cuda

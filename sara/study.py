@@ -30,10 +30,10 @@ from .data import write_json
 
 
 # %% auto #0
-__all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'LAUNCH', 'RUN_WRITES', 'TRAIN_STATE', 'WORLD_FIELDS',
-           'IMAGENET_MEAN', 'IMAGENET_STD', 'METRICS', 'STAGE_FNS', 'MERGE_SHARED', 'REAL_RUNS', 'StudySize',
-           'get_size', 'stage_result', 'need', 'begin_process', 'pause_process', 'end_process', 'run_stage',
-           'world_seeds', 'train_frames', 'world_scenes', 'scene_prompts', 'stage_world', 'TextTable',
+__all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'FIELDS_BEFORE', 'LAUNCH', 'RUN_WRITES', 'TRAIN_STATE',
+           'WORLD_FIELDS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'METRICS', 'STAGE_FNS', 'MERGE_SHARED', 'REAL_RUNS',
+           'StudySize', 'get_size', 'stage_result', 'need', 'begin_process', 'pause_process', 'end_process',
+           'run_stage', 'world_seeds', 'train_frames', 'world_scenes', 'scene_prompts', 'stage_world', 'TextTable',
            'make_text_table', 'stage_text', 'vae_config', 'psnr', 'reconstruct', 'StagePaused', 'train_recipe',
            'Resumable', 'finish_state', 'train_vae', 'stage_vae', 'encoder_config', 'tube_mask', 'jepa_loss',
            'pretrain_encoder', 'stage_encoder', 'token_labels', 'linear_probe', 'probe_encoders', 'pairs_in_time',
@@ -86,6 +86,7 @@ class StudySize:
     train_ckpt_every: int = 200  # run knob: each Stage 2 run saves its full state every N steps (sara.train, exact resume), so a train stage killed at a device call's limit resumes every unfinished run from its last checkpoint (0: never)
     train_batch: int = 64        # Stage 2 clips per step (64 from the third device run on: a 7 M-parameter DiT step is far from compute-bound on an H200)
     train_lr: float = 3e-4       # Stage 2 learning rate (every method)
+    deterministic: bool = False  # Stage 2 under torch's deterministic algorithms (RunConfig.deterministic): a rerun on the same machine repeats every run bitwise; off in every recorded run (part 7: the DiT step 1.39x slower with it)
     warmup: int = 50             # Stage 2 linear warm-up steps
     lam: float = 0.5             # TRD weight (every aligned method)
     block: int = 2               # aligned DiT block (every aligned method)
@@ -159,6 +160,7 @@ def need(root: str | Path, *names: str) -> list[dict]:  # their done.json record
     return out
 
 RUN_KNOBS = ("workers", "budget_s", "train_ckpt_every")  # StudySize fields that change how a stage runs, not what it computes
+FIELDS_BEFORE = dict(toy_radius=[0.07, 0.10], deterministic=False)   # what a study.json recorded before a field existed ran with (sara.toy's TOY_RADIUS then; no deterministic mode)
 
 LAUNCH = "launch.json"   # a stage's or Stage 2 run's process in progress: its start and the walls of its earlier processes
 RUN_WRITES = ("log.txt", "metrics.jsonl")   # what a Stage 2 run's process writes as it goes
@@ -210,7 +212,7 @@ def run_stage(
     root = Path(root).resolve()
     meta = root / "study.json"
     if meta.is_file():
-        old, new = json.loads(meta.read_text())["size"], json.loads(json.dumps(asdict(size)))
+        old, new = {**FIELDS_BEFORE, **json.loads(meta.read_text())["size"]}, json.loads(json.dumps(asdict(size)))
         if any(old.get(k) != new.get(k) for k in set(old) | set(new) if k not in RUN_KNOBS):
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RUN_KNOBS)
             raise ValueError(f"{meta}: this study folder was made with another size (differs in {diff}); use another --root, "
@@ -893,7 +895,7 @@ def run_params(root: Path, s: StudySize, key: str, seed: int, device: str = "aut
     resume = "latest" if ck.is_dir() and any(ck.iterdir()) else ""
     dev = "cuda" if (device == "auto" and torch.cuda.is_available()) else ("cpu" if device == "auto" else device)
     return dict(run_name=f"{key}_s{seed}", **METHODS[key], lam=s.lam, block=s.block, steps=s.train_steps,
-                batch_size=s.train_batch, lr=s.train_lr, warmup_steps=s.warmup, seed=seed, n_frames=s.n_frames, fps=FPS,
+                batch_size=s.train_batch, lr=s.train_lr, warmup_steps=s.warmup, seed=seed, deterministic=s.deterministic, n_frames=s.n_frames, fps=FPS,
                 height=s.size, width=s.size, mixed_precision="bf16" if dev == "cuda" else "no", device=dev,
                 log_every=max(1, s.train_steps // 100), checkpoint_every=s.train_ckpt_every, cache=str((root / "cache" / "toy").resolve()),
                 runs_dir=str(root / "train" / "runs"), data_root=cp["data_root"], manifest=cp["manifest"],
@@ -1556,9 +1558,7 @@ def like_size(path: str | Path) -> dict:  # StudySize fields (all but name and t
     try: size = json.loads(Path(path).read_text())["size"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a study.json with a 'size' record ({e.__class__.__name__}: {e})") from None
-    out = {k: v for k, v in size.items() if k not in ("name", *RUN_KNOBS)}
-    out.setdefault("toy_radius", [0.07, 0.10])   # recorded before the field existed: sara.toy's own TOY_RADIUS then
-    return out
+    return {k: v for k, v in {**FIELDS_BEFORE, **size}.items() if k not in ("name", *RUN_KNOBS)}
 
 def study_cli(argv: list[str] | None = None):  # command-line arguments (default: sys.argv[1:])
     "Console entry point `sara-study`: run stages of the controlled study (`--stage all` runs or reuses every stage)."

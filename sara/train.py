@@ -7,6 +7,7 @@ Docs: https://sara-workbench.github.io/sara/train.html.md"""
 # %% ../nbs/train.ipynb #93e07f58
 from __future__ import annotations
 import json, math, os, subprocess, sys, time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -25,15 +26,16 @@ from .routing import budget_shares
 
 # %% auto #0
 __all__ = ['TARGET_OF', 'SALIENCY_OF', 'LAYER_OF', 'AUTO_CUDA', 'ACT_VALUES', 'ACT_VALUES_COMPILED', 'WORKSPACE_GIB', 'KEPT_FP32',
-           'AUTO_MIN_PARAMS', 'RECOMPUTE', 'BLOCKS', 'SAC_COMPILE', 'resolve_device', 'batch_order',
-           'data_parallel_part', 'lr_factor', 'lam_at', 'cache_params', 'check_cache_settings', 'cache_folder',
-           'load_targets', 'collate_targets', 'Trainee', 'Models', 'add_lora', 'empty_prompt_embeds', 'build_models',
-           'trainable_parameters', 'checkpointed_blocks', 'act_values', 'recompute_cost', 'estimate_peak_gib',
-           'resolve_levers', 'step_tokens', 'fsdp_shards', 'selective_checkpoint', 'first_blocks_checkpoint',
-           'set_fp32_modules', 'enable_context_parallel', 'cp_gather', 'set_backend_of', 'apply_levers', 'make_adamw',
-           'step_losses', 'MetricsLog', 'read_metrics', 'truncate_metrics', 'full_state_dict', 'trained_weights',
-           'export_weights', 'load_checkpoint', 'check_run_dir', 'TrainState', 'resume_folder', 'checkpoint_budget',
-           'make_accelerator', 'train', 'run_validation', 'plot_losses', 'cli_args', 'train_cli', 'launch']
+           'AUTO_MIN_PARAMS', 'RECOMPUTE', 'BLOCKS', 'SAC_COMPILE', 'CUBLAS_DETERMINISTIC', 'resolve_device',
+           'batch_order', 'data_parallel_part', 'lr_factor', 'lam_at', 'cache_params', 'check_cache_settings',
+           'cache_folder', 'load_targets', 'collate_targets', 'Trainee', 'Models', 'add_lora', 'empty_prompt_embeds',
+           'build_models', 'trainable_parameters', 'checkpointed_blocks', 'act_values', 'recompute_cost',
+           'estimate_peak_gib', 'resolve_levers', 'step_tokens', 'fsdp_shards', 'selective_checkpoint',
+           'first_blocks_checkpoint', 'set_fp32_modules', 'enable_context_parallel', 'cp_gather', 'set_backend_of',
+           'apply_levers', 'make_adamw', 'step_losses', 'MetricsLog', 'read_metrics', 'truncate_metrics',
+           'full_state_dict', 'trained_weights', 'export_weights', 'load_checkpoint', 'check_run_dir', 'TrainState',
+           'resume_folder', 'checkpoint_budget', 'make_accelerator', 'deterministic_algorithms', 'train',
+           'run_validation', 'plot_losses', 'cli_args', 'train_cli', 'launch']
 
 # %% ../nbs/train.ipynb #9a5da4e7
 def resolve_device(
@@ -785,12 +787,34 @@ def _gpu_mem_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 # %% ../nbs/train.ipynb #74001f13
+CUBLAS_DETERMINISTIC = ":4096:8"   # cuBLAS's fixed workspace, needed for deterministic matmuls (CUDA >= 10.2; torch's reproducibility notes)
+
+@contextmanager
+def deterministic_algorithms(
+    on: bool = True,  # False: leave torch as it is
+):
+    """Run the block under torch's deterministic algorithms, then restore the previous settings. cuBLAS reads
+    `CUBLAS_WORKSPACE_CONFIG` when this process first uses it, so the variable is set here unless given (a process that
+    already ran a matmul on the GPU gets torch's own error naming it). An op without a deterministic kernel raises."""
+    if not on: yield; return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+    torch.use_deterministic_algorithms(True); torch.backends.cudnn.deterministic = True; torch.backends.cudnn.benchmark = False
+    try: yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
 def train(
     cfg: RunConfig,            # a validated configuration (`make_config`)
     progress: bool = True,     # show progress bars
     stop_after: int | None = None,  # stop (as if killed) after this many steps of this call; for tests of resume
 ) -> dict:                     # run_dir, metrics (rows of this call), models, targets, cache
-    "Run Stage 2 from the cache: `cfg.steps` optimisation steps with checkpoints, metrics, exports and validation."
+    "Run Stage 2 from the cache: `cfg.steps` optimisation steps with checkpoints, metrics, exports and validation (`cfg.deterministic`: bitwise repeatable)."
+    with deterministic_algorithms(cfg.deterministic): return _train(cfg, progress, stop_after)
+
+def _train(cfg: RunConfig, progress: bool, stop_after: int | None) -> dict:
     from diffusers.training_utils import EMAModel
     apply_wan_facts(cfg.validate())   # flow_shift and fps resolved from the model, so config.json records the values used
     acc = make_accelerator(cfg)

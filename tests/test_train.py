@@ -212,3 +212,35 @@ def test_failed_weight_export_leaves_no_temporary(tmp_path, monkeypatch):
         T._atomic_save({"w": torch.ones(2)}, tmp_path / "projector.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["projector.safetensors"]
     assert (tmp_path / "projector.safetensors").read_bytes() == b"previous export"
+
+
+def test_deterministic_runs_under_deterministic_algorithms_and_restores(cfg_for, monkeypatch):
+    """`deterministic=True` trains (sara: TRD included) with torch's deterministic algorithms on, the same metrics as
+    without on the CPU (whose kernels are deterministic already), and leaves torch's settings as they were; on a GPU
+    the mode's point is bitwise repeats (bench/stage2_determinism.py, bench/README part 7)."""
+    import sara.train as st
+    seen, build = [], st.build_models
+    monkeypatch.setattr(st, "build_models", lambda *a, **k: (seen.append(torch.are_deterministic_algorithms_enabled()), build(*a, **k))[1])
+    assert not torch.are_deterministic_algorithms_enabled()
+    on = train(cfg_for(run_name="det", method="sara", lam=1.0, deterministic=True), progress=False)["metrics"]
+    off = train(cfg_for(run_name="nondet", method="sara", lam=1.0), progress=False)["metrics"]
+    assert seen == [True, False] and not torch.are_deterministic_algorithms_enabled()
+    keys = ("fm", "trd", "loss", "grad_norm", "clips")
+    assert [{k: r[k] for k in keys} for r in on] == [{k: r[k] for k in keys} for r in off]
+    assert json.loads((Path(cfg_for(run_name="det").run_dir) / "config.json").read_text())["config"]["deterministic"] is True
+
+
+def test_deterministic_algorithms_context_restores_on_error(monkeypatch):
+    "The mode is restored after an error inside it; the cuBLAS workspace variable is set unless given; off leaves torch alone."
+    from sara.train import deterministic_algorithms, CUBLAS_DETERMINISTIC
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with pytest.raises(RuntimeError, match="inside"):
+        with deterministic_algorithms(True):
+            assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+            raise RuntimeError("inside")
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_DETERMINISTIC
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    with deterministic_algorithms(True): pass
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    with deterministic_algorithms(False): assert not torch.are_deterministic_algorithms_enabled()
