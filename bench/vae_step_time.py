@@ -69,6 +69,8 @@ def main(argv=None):
     for c in cfgs:
         m = med[c]
         print(f"| {c[0]} | {c[1]} | {m:.3f} | {c[1] / m:.1f} | {m / med[cfgs[0]]:.2f} | {2500 * m / 60:.1f} | {mem.get(c, float('nan')):.2f} |")
+    for c in cfgs:   # a difference of two timings: on a busy machine with few steps it can come out at or below zero
+        if med[c] <= 0: print(f"base {c[0]}, batch {c[1]}: {med[c]:.4f} s / step is noise (the {a.long}-step run was not slower than the {a.short}-step one); raise --long or --repeat")
     if a.json:
         write_json(a.json, {f"{w}x{b}": round(med[(w, b)], 4) for w, b in cfgs})   # atomic
 
