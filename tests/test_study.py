@@ -316,3 +316,30 @@ def test_stage2_determinism_bench(tmp_path):
     assert len(rows) == 2 and all(row[1] == "True" and row[2] == "None" and float(row[4]) > 0 for row in rows), r.stdout
     bad = subprocess.run(cmd + ["--modes", "default,fast"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert bad.returncode == 2 and "unknown ['fast']" in bad.stderr
+
+
+def test_compare_runs_bench(study, tmp_path):
+    """bench/compare_runs.py (bench/stage2_repeat.sh's check): a study's runs against a copy of themselves are identical;
+    a changed loss names its first step, a changed exported tensor is seen; folders without a common run are refused."""
+    import importlib.util, shutil
+    from safetensors.torch import load_file, save_file
+    spec = importlib.util.spec_from_file_location("compare_runs", Path(__file__).parents[1] / "bench" / "compare_runs.py")
+    cr = importlib.util.module_from_spec(spec); spec.loader.exec_module(cr)
+    root, _ = study
+    runs, copy = root / "train" / "runs", tmp_path / "runs"
+    shutil.copytree(runs, copy)
+    same = cr.compare(runs, copy)
+    assert same and all(r["first_diff_step"] is None and r["max_diff"] == 0 and r["same_weights"] for r in same)
+    name = same[0]["run"]
+    m = copy / name / "metrics.jsonl"
+    rows = [json.loads(l) for l in m.read_text().splitlines()]
+    rows[1]["fm"] += 1e-7
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    w = copy / name / "checkpoint" / "transformer.safetensors"
+    t = load_file(str(w)); k = next(iter(t)); t[k] = t[k] + 1; save_file(t, str(w))
+    got = {r["run"]: r for r in cr.compare(runs, copy)}
+    assert got[name]["first_diff_step"] == rows[1]["step"] and got[name]["max_diff"] > 0 and not got[name]["same_weights"]
+    assert all(r["same_weights"] for n, r in got.items() if n != name)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no run is in both"):
+        cr.compare(runs, tmp_path / "empty")
