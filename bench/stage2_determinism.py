@@ -4,12 +4,13 @@ The study's rerun (bench/README part 7) found Stage 2 not repeatable: the same r
 step 8. This probe trains the study's default-size DiT (`sara.study.dit_config`) from one seed on fixed random latents,
 text and timesteps (flow matching, bf16 autocast, AdamW), twice per mode, each mode in its own process (the cuBLAS
 workspace setting must precede CUDA's start), and prints whether the two repeats end with identical weights, the largest
-loss difference, and the median step time. Modes: default; deterministic (`torch.use_deterministic_algorithms`,
-`CUBLAS_WORKSPACE_CONFIG=:4096:8`, cuDNN deterministic); deterministic with the math attention backend only.
+loss difference, and the median step time. Modes: default; deterministic (`sara.train.deterministic_algorithms`, what
+`RunConfig.deterministic` turns on: torch's deterministic algorithms, `CUBLAS_WORKSPACE_CONFIG=:4096:8`, cuDNN without
+autotuning); deterministic with the math attention backend only.
 
     python bench/stage2_determinism.py --steps 40 --batch 64      # needs a GPU and diffusers
 """
-import argparse, json, os, statistics, subprocess, sys, time
+import argparse, json, statistics, subprocess, sys, time
 
 MODES = ("default", "deterministic", "deterministic_math")
 
@@ -49,10 +50,9 @@ def train_once(steps: int, batch: int, mode: str, size: str = "default") -> dict
 
 
 def child(steps: int, batch: int, mode: str, size: str):
-    import torch
-    if mode != "default":
-        torch.use_deterministic_algorithms(True); torch.backends.cudnn.deterministic = True; torch.backends.cudnn.benchmark = False
-    try: runs = [train_once(steps, batch, mode, size) for _ in range(2)]
+    from sara.train import deterministic_algorithms   # what RunConfig.deterministic turns on, CUBLAS_WORKSPACE_CONFIG included
+    try:
+        with deterministic_algorithms(mode != "default"): runs = [train_once(steps, batch, mode, size) for _ in range(2)]
     except Exception as e: print(json.dumps(dict(mode=mode, error=f"{type(e).__name__}: {str(e)[:300]}"))); return
     a, b = runs
     print(json.dumps(dict(mode=mode, same_weights=a["digest"] == b["digest"],
@@ -73,9 +73,8 @@ def main(argv=None):
     if bad: ap.error(f"--modes: unknown {bad}; known: {', '.join(MODES)}")
     rows = []
     for m in a.modes.split(","):
-        env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8") if m != "default" else dict(os.environ)
         out = subprocess.run([sys.executable, __file__, "--steps", str(a.steps), "--batch", str(a.batch), "--size", a.size, "--mode", m],
-                             env=env, capture_output=True, text=True)
+                             capture_output=True, text=True)   # a process per mode: cuBLAS reads its workspace setting once
         line = [l for l in out.stdout.splitlines() if l.startswith("{")]
         rows.append(json.loads(line[-1]) if line else dict(mode=m, error=(out.stderr or "no output")[-300:]))
     base = next((r["step_s"] for r in rows if r["mode"] == "default" and "step_s" in r), None)

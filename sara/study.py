@@ -41,9 +41,9 @@ __all__ = ['SIZES', 'METHODS', 'FPS', 'STAGES', 'RUN_KNOBS', 'FIELDS_BEFORE', 'L
            'stage_cache', 'stage_stage1', 'run_params', 'run_finished', 'gpu_slots', 'visible_gpu', 'write_viz',
            'stage_train', 'load_study_run', 'stage_sample', 'clip_features', 'stage_score', 'viz_inputs',
            'cluster_bootstrap', 'study_paired', 'paired_cell', 'paired_markdown', 'study_table', 'table_markdown',
-           'compare_tables', 'compare_replicates', 'recorded_scores', 'loss_curves', 'sample_grid', 'report_figures',
-           'stage_wall', 'stage_report', 'merge_studies', 'run_study', 'pack_results', 'unpack_results', 'like_size',
-           'study_cli']
+           'compare_tables', 'compare_replicates', 'recorded_scores', 'read_scores', 'loss_curves', 'sample_grid',
+           'report_figures', 'stage_wall', 'stage_report', 'merge_studies', 'run_study', 'pack_results',
+           'unpack_results', 'like_size', 'study_cli']
 
 # %% ../nbs/study.ipynb #dc2a3666
 @dataclass(frozen=True)
@@ -1253,11 +1253,12 @@ def compare_replicates(
     training seed, prompt and noise; the difference's 95 % interval is `paired_cell`'s (training seeds, then pairs; FD:
     one pair per run) and `same` says it holds 0. `compare_tables` asks whether a new mean lies inside the recorded
     interval, which counts only one run's noise: two replicates of one normal mean fall outside each other's 95 %
-    interval about one time in six (P(|Z| > 1.96 / sqrt 2) = 0.17), more often with a bootstrap over 3 seeds."""
-    methods = list(dict.fromkeys(r["method"] for r in ref))
-    if set(methods) != {r["method"] for r in new}:
-        raise ValueError(f"compare_replicates: methods differ: only recorded {sorted(set(methods) - {r['method'] for r in new})}, "
-                         f"only in the rerun {sorted({r['method'] for r in new} - set(methods))}")
+    interval about one time in six (P(|Z| > 1.96 / sqrt 2) = 0.17), more often with a bootstrap over 3 seeds. The cells
+    are `study_table`'s (the second real set, 'reference', is not a row of it)."""
+    rows_of = lambda rows: [m for m in dict.fromkeys(r["method"] for r in rows) if m != "reference"]   # the table's rows: the
+    methods, rerun = rows_of(ref), set(rows_of(new))   # second real set only anchors the FD (its fd is the ceiling's)
+    if set(methods) != rerun:
+        raise ValueError(f"compare_replicates: methods differ: only recorded {sorted(set(methods) - rerun)}, only in the rerun {sorted(rerun - set(methods))}")
     key = lambda r: (_train_seed(r["run"]), r["prompt_id"], r["seed"])
     fds = lambda fd, m: {("",): fd["reference"]} if m == "heldout" else {(_train_seed(run),): v for run, v in fd.items() if _run_method(run) == m}
     out = []
@@ -1277,10 +1278,12 @@ def recorded_scores(
 ) -> tuple:             # (scores.json rows, fd.json) or None when neither place has them
     "The scores behind a recorded table: beside it (a bench/ record) or in its study's score/ folder."
     t = Path(table)
-    for d in (t.parent, t.parent.parent / "score"):
-        if (d / "scores.json").is_file() and (d / "fd.json").is_file():
-            return json.loads((d / "scores.json").read_text()), json.loads((d / "fd.json").read_text())
-    return None
+    return next((read_scores(d) for d in (t.parent, t.parent.parent / "score") if (d / "scores.json").is_file() and (d / "fd.json").is_file()), None)
+
+def read_scores(d: str | Path) -> tuple:  # (scores.json rows, fd.json)
+    "A score folder's (or a bench/ record's) per-sample scores and Frechet distances."
+    d = Path(d)
+    return json.loads((d / "scores.json").read_text()), json.loads((d / "fd.json").read_text())
 
 
 # %% ../nbs/study.ipynb #72cee1be
@@ -1604,8 +1607,8 @@ def study_cli(argv: list[str] | None = None):  # command-line arguments (default
             print(f"[compare] {sum(r['inside'] for r in cmp)} of {len(cmp)} cells inside the intervals of {a.compare}")
             rec = recorded_scores(a.compare)
             if rec is None: print(f"[compare] no scores.json and fd.json beside {a.compare} or in its study's score/: the paired check needs them"); return
-            sc = Path(a.root) / "score"
-            rep = compare_replicates(*rec[:1], json.loads((sc / "scores.json").read_text()), rec[1], json.loads((sc / "fd.json").read_text()))
+            (ref_rows, ref_fd), (new_rows, new_fd) = rec, read_scores(Path(a.root) / "score")
+            rep = compare_replicates(ref_rows, new_rows, ref_fd, new_fd)
             write_json(Path(a.root) / "report" / "replicate.json", dict(recorded=str(a.compare), cells=rep))
             for r in rep:
                 if not r["same"]: print(f"[compare] {r['method']} {r['column']}: rerun - recorded {r['mean_diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] excludes 0")

@@ -197,6 +197,12 @@ def test_more_seeds_merge_into_one_study(study, tmp_path, capsys):
     st.study_cli(["--size", "micro", "--root", str(more), "--stage", "report", "--set", "seeds=[1]", "--compare", str(root / "report" / "table.json")])
     out = capsys.readouterr().out
     assert re.search(r"\[compare\] \d+ of 28 cells inside the intervals of ", out), out   # 4 rows x 7 columns
+    # and pairs its samples with the recorded ones: only the real clips and the untrained DiT share a training seed
+    # with seed 0's study, and on the CPU they are the same samples, so every paired difference holds 0
+    m = re.search(r"\[compare\] paired: (\d+) of (\d+) rerun - recorded differences hold 0", out)
+    assert m and m[1] == m[2] and int(m[1]) > 0, out
+    rep = json.loads((more / "report" / "replicate.json").read_text())
+    assert {c["method"] for c in rep["cells"]} == {"real (ceiling)", "untrained DiT (floor)"} and all(c["mean_diff"] == 0 for c in rep["cells"])
     mine = tmp_path / "mine"; mine.mkdir(); (mine / "notes.txt").write_text("a user's file")   # not a merged study: refused, kept
     with pytest.raises(SystemExit) as e: st.study_cli(["--merge", f"{root},{more}", "--root", str(mine)])
     assert e.value.code == 1 and "not a merged study" in capsys.readouterr().err and (mine / "notes.txt").is_file()
