@@ -787,7 +787,7 @@ def _gpu_mem_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 # %% ../nbs/train.ipynb #74001f13
-CUBLAS_DETERMINISTIC = ":4096:8"   # cuBLAS's fixed workspace, needed for deterministic matmuls (CUDA >= 10.2; torch's reproducibility notes)
+CUBLAS_DETERMINISTIC = ":4096:8"   # cuBLAS's fixed workspace, needed for deterministic matmuls on CUDA >= 10.2 (https://pytorch.org/docs/stable/notes/randomness.html, "CUDA convolution determinism" and the cuBLAS note of torch.use_deterministic_algorithms)
 
 @contextmanager
 def deterministic_algorithms(
